@@ -1,0 +1,108 @@
+"""`megatron-sapo`: the command line (train, plan).
+
+    megatron-sapo train examples/tiny_moe_cpu.yaml algo.tau_neg=1.1 parallel.tp=2
+
+Run plainly, `train` starts as many local processes as the layout needs (gloo on CPU, NCCL on GPU);
+under torchrun or srun it joins the world it finds. Bad input exits non-zero with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from megatron_sapo.config import Config, ConfigError, load_config
+
+
+def _launched_by_a_launcher() -> bool:
+    # torchrun sets RANK; srun sets SLURM_NTASKS (a single-task allocation still launches locally).
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def _relaunch_with_torchrun(argv: list[str], world_size: int) -> int:
+    """Start world_size local processes running this same command (torchrun sets RANK etc.)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={world_size}", "-m", "megatron_sapo.cli", *argv,
+    ]  # fmt: skip
+    return subprocess.call(cmd)
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = load_config(args.config, args.overrides)
+    world = cfg.parallel.world_size
+    if world > 1 and not _launched_by_a_launcher():
+        return _relaunch_with_torchrun(argv, world)
+    from megatron_sapo.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def _parameter_counts(cfg: Config) -> dict[str, int]:
+    """Parameters of the whole model, split into dense (replicated over EP) and expert parts."""
+    m = cfg.model
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    attn = m.hidden_size * head_dim * (m.num_attention_heads * 2 + groups * 2)
+    norms = 2 * m.hidden_size + (2 * head_dim if m.qk_layernorm else 0)
+    if m.is_moe:
+        expert = 3 * m.hidden_size * m.moe_ffn_hidden_size  # SwiGLU: gate, up, down
+        shared = 3 * m.hidden_size * m.moe_shared_expert_ffn_hidden_size
+        dense_mlp = m.hidden_size * m.num_experts + shared  # router + shared expert
+        experts = m.num_layers * m.num_experts * expert
+    else:
+        dense_mlp, experts = 3 * m.hidden_size * m.ffn_hidden_size, 0
+    embed = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) + m.hidden_size
+    return {"dense": m.num_layers * (attn + norms + dense_mlp) + embed, "experts": experts}
+
+
+def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
+    """Validate a layout and print what each rank holds, without starting anything."""
+    cfg = load_config(args.config, args.overrides)
+    p = cfg.parallel
+    counts = _parameter_counts(cfg)
+    per_rank = counts["dense"] / (p.tp * p.pp) + counts["experts"] / (p.ep * p.etp * p.pp)
+    bytes_param = 2 if cfg.model.dtype == "bf16" else 4
+    # weights + grads in the param dtype, fp32 main params (bf16 only) and two fp32 Adam moments
+    state = bytes_param * 2 + (4 if bytes_param == 2 else 0) + 8
+    optim_shard = p.dp if cfg.optim.distributed_optimizer else 1
+    print(f"layout: tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} etp={p.etp} cp={p.cp} dp={p.dp} sp={p.sp}")
+    print(f"world size: {p.world_size} processes (tp*pp*cp*dp)")
+    print(f"parameters: {counts['dense'] + counts['experts']:,} ({counts['experts']:,} in experts)")
+    print(f"parameters per rank: {per_rank:,.0f}")
+    print(f"weights+grads+optimizer per rank: {per_rank * state / optim_shard / 2**30:.3f} GiB (before activations)")
+    samples = cfg.rollout.prompts_per_step * cfg.rollout.n
+    per_mb = samples // cfg.algo.minibatches // p.dp // cfg.train.micro_batch_size
+    print(f"per step: {samples} samples, {cfg.algo.minibatches} mini-batches, {per_mb} micro-batches per DP rank")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-sapo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in (
+        ("train", cmd_train, "run RL training (SAPO, GRPO, GSPO) from a YAML config"),
+        ("plan", cmd_plan, "validate a parallel layout and print per-rank sizes"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="YAML config file (see examples/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.tau_neg=1.1 parallel.tp=2")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args, argv)
+    except ConfigError as e:
+        print(f"megatron-sapo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""The configuration: one tree of typed dataclasses, filled from YAML plus dotted overrides, validated.
+
+    cfg = load_config("examples/tiny_moe_cpu.yaml", ["algo.tau_neg=1.1", "parallel.tp=2"])
+
+Every error names the key (and the YAML file and line when the value came from a file) and the rule.
+Validation is integer arithmetic on the config alone, so it runs before any process is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the rule it broke."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tree
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """A Qwen3-MoE style decoder. num_experts = 0 gives a dense model (used as the routing control)."""
+
+    name: str = "tiny-moe"
+    hf_path: str | None = None  # HF checkpoint to import through Megatron-Bridge; None = random init
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None = one per head
+    kv_channels: int | None = None  # head dim; None = hidden / heads
+    ffn_hidden_size: int = 256  # dense MLP width (dense model or dense layers)
+    num_experts: int = 4
+    moe_topk: int = 2
+    moe_ffn_hidden_size: int = 128
+    moe_shared_expert_ffn_hidden_size: int = 0  # 0 = no shared expert
+    moe_router_load_balancing: Literal["none", "aux_loss", "seq_aux_loss"] = "aux_loss"
+    moe_aux_loss_coeff: float = 1e-3
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    max_seq_len: int = 128
+    qk_layernorm: bool = True
+    rotary_base: int = 10000
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None  # virtual pipeline chunks per stage
+    ep: int = 1
+    etp: int = 1  # expert tensor parallel
+    cp: int = 1
+    dp: int = 1
+    sp: bool = False  # sequence parallel (required with tp > 1 for MoE layers)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+@dataclass
+class AlgoConfig:
+    loss: str = "sapo"  # sapo | grpo | gspo | gspo_token
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    eps_low: float = 0.2
+    eps_high: float = 0.27
+    agg: str = "seq-mean-token-mean"
+    advantage: str = "grpo"  # grpo | drgrpo | rloo
+    adv_eps: float = 1e-6
+    kl_coef: float = 0.0
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    minibatches: int = 4  # optimizer steps per rollout
+    tis_cap: float = 0.0  # truncated importance sampling cap C on pi_old / pi_rollout; 0 = off
+    tis_level: Literal["token", "sequence"] = "token"
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+
+
+@dataclass
+class SGLangConfig:
+    urls: list[str] = field(default_factory=list)  # attach to these servers; empty = launch
+    num_servers: int = 1
+    tp: int = 1
+    base_port: int = 30000
+    python: str = "python"  # interpreter of the SGLang environment
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 300.0
+    max_concurrency: int = 64
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["local", "sglang"] = "local"
+    n: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # JSONL / Parquet prompt files; empty = synthetic task
+    weights: list[float] = field(default_factory=list)  # task-mixing weights, one per path
+    synthetic_task: str = "copy"  # copy | reverse | add (megatron_sapo/data/synthetic.py)
+    tokenizer: str | None = None  # HF tokenizer folder; None = model.hf_path's, else the tiny char tokenizer
+    max_prompt_len: int = 32
+    prompt_key: str = "prompt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seed: int = 1234
+    micro_batch_size: int = 4  # sequences per micro-batch
+    max_skipped_steps: int = 3  # consecutive steps skipped for NaN rewards / losses before the run stops
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = False
+
+
+@dataclass
+class DiagnosticsConfig:
+    router_every: int = 0  # steps between router-variance decompositions; 0 = off
+    max_sequences: int = 64  # sequences sampled for one decomposition
+
+
+@dataclass
+class LoggingConfig:
+    console_every: int = 1
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    plots: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # rollout steps between checkpoints; 0 = only at the end
+    resume: str = "auto"  # auto | none | a checkpoint path
+    keep: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Filling the tree from plain data, with type checks
+# ----------------------------------------------------------------------------------------------------------
+def _where(key: str, lines: dict[str, str]) -> str:
+    return f" ({lines[key]})" if key in lines else ""
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Returns the value."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}'{where}: null is not allowed")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}'{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}'{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, key, where) for v in value]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}'{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}'{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}'{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}'{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp}")  # a bug in this file
+
+
+def _fill(obj: Any, data: dict, prefix: str, lines: dict[str, str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            section = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown config key '{key}'{_where(key, lines)}{hint} (valid under {section}: {', '.join(names)})"
+            )
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}'{_where(key, lines)}: expected a section (mapping)")
+            _fill(current, value, key + ".", lines)
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key, _where(key, lines)))
+
+
+def from_dict(data: dict, lines: dict[str, str] | None = None) -> Config:
+    cfg = Config()
+    _fill(cfg, data or {}, "", lines or {})
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML with line numbers, and dotted overrides
+# ----------------------------------------------------------------------------------------------------------
+def _node_to_data(node: yaml.Node, path: str, source: str, lines: dict[str, str]) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            dotted = f"{path}.{key}" if path else key
+            lines[dotted] = f"{source}, line {key_node.start_mark.line + 1}"
+            out[key] = _node_to_data(value_node, dotted, source, lines)
+        return out
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def load_yaml(path: str) -> tuple[dict, dict[str, str]]:
+    """Parse a YAML config file; returns (data, {dotted key: "file, line N"})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f, Loader=yaml.SafeLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if node is None:
+        return {}, {}
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    lines: dict[str, str] = {}
+    return _node_to_data(node, "", path, lines), lines
+
+
+def apply_overrides(data: dict, overrides: list[str], lines: dict[str, str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) onto nested plain data."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. algo.tau_neg=1.1)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+        lines[key] = f"command-line override '{item}'"
+    return data
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """YAML file (optional) + dotted overrides -> validated Config."""
+    data, lines = load_yaml(path) if path else ({}, {})
+    data = apply_overrides(data, list(overrides), lines)
+    cfg = from_dict(data, lines)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: integer arithmetic only, before anything starts
+# ----------------------------------------------------------------------------------------------------------
+def _require(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {rule}")
+
+
+def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    for name in ("tp", "pp", "ep", "etp", "cp", "dp"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    _require(
+        m.num_attention_heads % p.tp == 0,
+        "parallel.tp",
+        f"model.num_attention_heads={m.num_attention_heads} must be divisible by tp={p.tp}",
+    )
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(groups % p.tp == 0, "parallel.tp", f"model.num_query_groups={groups} must be divisible by tp={p.tp}")
+    _require(
+        m.vocab_size % p.tp == 0,
+        "parallel.tp",
+        f"model.vocab_size={m.vocab_size} must be divisible by tp={p.tp}",
+    )
+    chunks = p.pp * (p.vpp or 1)
+    _require(
+        m.num_layers % chunks == 0,
+        "parallel.pp",
+        f"model.num_layers={m.num_layers} must be divisible by pp*vpp={chunks}",
+    )
+    if p.vpp is not None:
+        _require(p.vpp >= 1, "parallel.vpp", f"must be >= 1, got {p.vpp}")
+        _require(p.pp > 1, "parallel.vpp", "virtual pipeline needs pp > 1")
+    if m.is_moe:
+        _require(
+            m.num_experts % p.ep == 0,
+            "parallel.ep",
+            f"model.num_experts={m.num_experts} must be divisible by ep={p.ep}",
+        )
+        dense_ranks = p.tp * p.cp * p.dp  # ranks of one pipeline stage
+        _require(
+            dense_ranks % (p.ep * p.etp) == 0,
+            "parallel.ep",
+            f"tp*cp*dp={dense_ranks} must be divisible by ep*etp={p.ep * p.etp}",
+        )
+        _require(
+            p.tp == 1 or p.sp,
+            "parallel.sp",
+            f"MoE layers with tp={p.tp} need sequence parallel: set parallel.sp=true",
+        )
+    else:
+        _require(p.ep == 1, "parallel.ep", "expert parallelism needs an MoE model (model.num_experts > 0)")
+    _require(not p.sp or p.tp > 1, "parallel.sp", "sequence parallel needs tp > 1")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_seq_len"):
+        _require(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    _require(
+        m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+        "model.hidden_size",
+        f"hidden_size={m.hidden_size} must be divisible by num_attention_heads={m.num_attention_heads} "
+        "(or set model.kv_channels)",
+    )
+    if m.num_query_groups is not None:
+        _require(
+            m.num_attention_heads % m.num_query_groups == 0,
+            "model.num_query_groups",
+            f"num_attention_heads={m.num_attention_heads} must be divisible by it ({m.num_query_groups})",
+        )
+    _require(m.num_experts >= 0, "model.num_experts", "must be >= 0 (0 = dense)")
+    if m.is_moe:
+        _require(
+            1 <= m.moe_topk <= m.num_experts,
+            "model.moe_topk",
+            f"must be in [1, num_experts={m.num_experts}], got {m.moe_topk}",
+        )
+
+
+def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
+    from megatron_sapo.algo import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+    for key, registry, value in (
+        ("algo.loss", POLICY_LOSSES, a.loss),
+        ("algo.agg", AGGREGATIONS, a.agg),
+        ("algo.advantage", ADVANTAGES, a.advantage),
+    ):
+        _require(value in registry, key, f"{value!r} is not one of {registry.names()}")
+    _require(a.tau_pos > 0, "algo.tau_pos", f"must be > 0, got {a.tau_pos}")
+    _require(a.tau_neg > 0, "algo.tau_neg", f"must be > 0, got {a.tau_neg}")
+    _require(0 <= a.eps_low < 1, "algo.eps_low", f"must be in [0, 1), got {a.eps_low}")
+    _require(a.eps_high >= 0, "algo.eps_high", f"must be >= 0, got {a.eps_high}")
+    _require(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    _require(a.entropy_coef >= 0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    _require(a.minibatches >= 1, "algo.minibatches", f"must be >= 1, got {a.minibatches}")
+    _require(a.tis_cap >= 0, "algo.tis_cap", f"must be >= 0 (0 = off), got {a.tis_cap}")
+    if a.routing_replay != "none":
+        _require(m.is_moe, "algo.routing_replay", "routing replay needs an MoE model (model.num_experts > 0)")
+    if a.routing_replay == "r3":
+        _require(
+            r.engine == "sglang",
+            "algo.routing_replay",
+            "r3 replays the rollout engine's routing, which only rollout.engine=sglang reports",
+        )
+
+
+def _validate_batching(cfg: Config) -> None:
+    r, p, a, t = cfg.rollout, cfg.parallel, cfg.algo, cfg.train
+    _require(r.n >= 2 or a.advantage == "drgrpo", "rollout.n", f"group advantages need n >= 2, got {r.n}")
+    _require(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    samples = r.prompts_per_step * r.n
+    per_minibatch, rem = divmod(samples, a.minibatches)
+    _require(
+        rem == 0,
+        "algo.minibatches",
+        f"rollout.prompts_per_step*rollout.n={samples} samples must split evenly into {a.minibatches} mini-batches",
+    )
+    per_rank, rem = divmod(per_minibatch, p.dp)
+    _require(rem == 0, "parallel.dp", f"a mini-batch of {per_minibatch} samples must split evenly over dp={p.dp}")
+    _require(
+        per_rank % t.micro_batch_size == 0,
+        "train.micro_batch_size",
+        f"the {per_rank} samples of a mini-batch per DP rank must split into micro-batches of {t.micro_batch_size}",
+    )
+    total = cfg.data.max_prompt_len + r.max_new_tokens
+    _require(
+        total <= cfg.model.max_seq_len,
+        "model.max_seq_len",
+        f"data.max_prompt_len + rollout.max_new_tokens = {total} exceeds max_seq_len={cfg.model.max_seq_len}",
+    )
+    _require(t.steps >= 0, "train.steps", "must be >= 0")
+    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(cfg.diagnostics.router_every >= 0, "diagnostics.router_every", "must be >= 0 (0 = off)")
+    if cfg.data.weights:
+        _require(
+            len(cfg.data.weights) == len(cfg.data.paths),
+            "data.weights",
+            f"one weight per path: {len(cfg.data.weights)} weights for {len(cfg.data.paths)} paths",
+        )
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the key and the rule; returns cfg for chaining."""
+    _validate_model(cfg.model)
+    _validate_parallel(cfg.model, cfg.parallel)
+    _validate_algo(cfg.algo, cfg.model, cfg.rollout)
+    _validate_batching(cfg)
+    return cfg

@@ -1,0 +1,143 @@
+"""Save / load model, optimizer, LR schedule, RNG and caller state with megatron's dist_checkpointing.
+
+The checkpoint is layout-independent: tensors are stored by their global keys (TP/PP/EP resharding on
+load), model chunks are stored under `model.chunk{i}` but looked up by those same global keys, and the
+distributed optimizer uses the `fully_reshardable` format (the default `dp_reshardable` format cannot be
+saved with torch's Adam: "ShardedTensor.flattened_range is not supported").
+
+megatron builds ONE optimizer at EP=1 but a chained (dense + expert) one at EP>1, with different
+param groups. For the distributed optimizer the state is stored layout-free: tensor keys without the
+`chained_{i}.` prefix (`chained_optim_avoid_prefix`), and on load each sub-optimizer's param groups come
+from the current optimizer (hyperparameters are config; the LR is the scheduler's) with the saved Adam step
+count. Known limit: WITHOUT the distributed optimizer, EP=1 <-> EP>1 resume is not supported (the spike
+found it fails); same-EP layout changes work.
+
+Note for scripts: dist_checkpointing may start a 'spawn' worker that re-imports __main__; code that saves
+must run under `if __name__ == "__main__":`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_DISTOPT_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in _sub_optimizers(optimizer))
+
+
+def _unwrap(chunk):
+    # The bare GPTModel: DDP's own (sharded_)state_dict adds a "module." level to every key.
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _model_sharded_state_dict(chunks: list) -> dict:
+    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool):
+    if _uses_distributed_optimizer(optimizer):
+        if is_loading:
+            # A fresh DistributedOptimizer over torch's Adam has no state yet, and its state_dict()
+            # asserts one 'step' per group: create (dummy) states so the load template can be built.
+            for sub in _sub_optimizers(optimizer):
+                if hasattr(sub, "_init_optimizer_states_with_dummy_values"):
+                    sub._init_optimizer_states_with_dummy_values()
+        return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(_DISTOPT_META))
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _saved_adam_step(tree) -> float:
+    """The Adam step count stored in any param group of the saved optimizer state (all groups share it)."""
+    steps = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "param_groups" and isinstance(value, list):
+                steps += [float(g["step"]) for g in value if "step" in g]
+            else:
+                steps.append(_saved_adam_step(value))
+    return max(steps, default=0.0)
+
+
+def _fit_distributed_optimizer_state(loaded: dict, optimizer):
+    """Rebuild the per-sub-optimizer load dicts for THIS layout's optimizer from a checkpoint saved at any
+    layout: tensors were already loaded into this layout's structure by their global keys; param groups are
+    this optimizer's own, with the saved step count."""
+    step = _saved_adam_step(loaded)
+    subs = _sub_optimizers(optimizer)
+    parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
+    fitted = []
+    for sub, part in zip(subs, parts):
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} | {"step": step} for g in sub.optimizer.param_groups
+        ]
+        fitted.append(
+            {
+                "param_state": part["param_state"],
+                "param_state_sharding_type": _DISTOPT_META["distrib_optim_sharding_type"],
+                "optimizer": {"param_groups": groups},
+            }
+        )
+    return fitted[0] if len(subs) == 1 else dict(enumerate(fitted))
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def save_checkpoint(
+    path: str, chunks: list, optimizer=None, scheduler=None, extra: dict | None = None
+) -> None:
+    """Write a dist checkpoint of this rank's shards (collective: every rank calls it)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    dist.barrier()
+    model_sd = _model_sharded_state_dict(chunks)
+    state = {"model": model_sd, "extra": dict(extra or {})}
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    # Rank 0's RNG, as common (non-sharded) state: the model has no dropout, so this only restores the
+    # trainer-side random streams; per-rank TP/EP tracker states are reseeded at init.
+    state["rng"] = _rng_state()
+    dist_checkpointing.save(state, path)
+    dist.barrier()
+
+
+def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> dict:
+    """Load into the (already built) model chunks / optimizer / scheduler at this rank's layout; returns the
+    `extra` dict given to save_checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = _model_sharded_state_dict(chunks)
+    template = {"model": model_sd}
+    if optimizer is not None:
+        template["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(template, path)
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
+    if optimizer is not None:
+        state = loaded["optimizer"]
+        if _uses_distributed_optimizer(optimizer):
+            state = _fit_distributed_optimizer_state(state, optimizer)
+        optimizer.load_state_dict(state)
+    if scheduler is not None and "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        torch.set_rng_state(loaded["rng"]["torch"])
+    return dict(loaded.get("extra", {}))

@@ -1,0 +1,437 @@
+"""Running megatron-core without CUDA: the one place that patches megatron-core / torch internals.
+
+megatron-core assumes a GPU in many small places (`torch.cuda.current_device()` as a device, CUDA RNG
+trackers, side streams, `device="cuda"` literals, type strings such as 'torch.cuda.FloatTensor') and has
+a few gloo- and CPU-only bugs. On a machine without CUDA, `apply_cpu_patches()` works around each of them
+with one named function below. Nothing here runs when CUDA is available: there megatron-core is used as
+shipped.
+
+Rules every patch follows:
+- it is applied only when `torch.cuda.is_available()` is False, once (idempotent);
+- it says why it exists and which megatron-core versions need it (tested on 0.16.1; the 0.19 differences
+  found by the feasibility spike are kept: names that moved are looked up defensively);
+- it keeps the original callable in `_ORIGINALS[name]` so tests can prove the patch changes behaviour.
+
+Measured overhead: the only global patch with a per-call cost is `cuda_device_args` (a
+TorchFunctionMode); see its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+# Versions the patches were checked against: the CPU CI installs 0.16.1 (Python 3.11); the spike also ran
+# 0.19.2. Outside this range the patches still apply where their targets exist, with a warning.
+TESTED_MCORE = ((0, 16), (0, 19))
+
+_APPLIED: list[str] = []
+_ORIGINALS: dict[str, object] = {}
+
+
+def applied_patches() -> list[str]:
+    """Names of the patches applied in this process, in order."""
+    return list(_APPLIED)
+
+
+def mcore_version() -> tuple[int, int]:
+    import megatron.core
+
+    major, minor = megatron.core.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.cuda entry points
+# ----------------------------------------------------------------------------------------------------------
+def _patch_cuda_current_device() -> None:
+    """`torch.cuda.current_device()` is passed as `device=` to torch.empty/zeros all over megatron-core
+    (tensor_parallel mappings and layers, p2p communication, rotary embeddings, DDP buffers). On a CPU
+    build it raises "Torch not compiled with CUDA enabled"; 'cpu' is a valid device for all those calls."""
+    _ORIGINALS["cuda_current_device"] = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _patch_cuda_synchronize() -> None:
+    """p2p communication, DDP and the checkpoint code call `torch.cuda.synchronize()`; CPU ops are
+    synchronous, so a no-op is exact."""
+    _ORIGINALS["cuda_synchronize"] = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+class _NullEvent:
+    """Stands for torch.cuda.Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NullStream:
+    """Stands for torch.cuda.Stream. All instances compare equal: there is one (CPU) stream of work."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __eq__(self, other):
+        return isinstance(other, _NullStream)
+
+    def __hash__(self):
+        return 0
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+    def wait_event(self, *args):
+        pass
+
+    def record_event(self, *args):
+        return _NullEvent()
+
+    def query(self):
+        return True
+
+
+def _patch_cuda_streams() -> None:
+    """MoEAlltoAllTokenDispatcher creates a `torch.cuda.Stream()` in __init__ and switches to it for its
+    device-to-host copies of the split sizes; DDP's overlap path uses streams too. A CPU build can't
+    create streams; a single null stream keeps the (already sequential) order."""
+    names = ("Stream", "Event", "current_stream", "default_stream", "stream")
+    _ORIGINALS["cuda_streams"] = {n: getattr(torch.cuda, n) for n in names}
+    default = _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullEvent
+    torch.cuda.current_stream = lambda *args, **kwargs: default
+    torch.cuda.default_stream = lambda *args, **kwargs: default
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def _patch_cuda_rng() -> None:
+    """megatron's CudaRNGStatesTracker (tensor_parallel/random.py) forks named *CUDA* generator states for
+    tensor-parallel and expert-parallel regions (dropout, initialisation). On CPU those regions draw from
+    the CPU default generator, so the tracker saves/restores that generator instead. (torch.cuda.manual_seed
+    would otherwise silently queue a seed that never applies, and get_rng_state raises.)"""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _ORIGINALS["cuda_rng"] = {
+        "get_rng_state": torch.cuda.get_rng_state,
+        "set_rng_state": torch.cuda.set_rng_state,
+        "manual_seed": torch.cuda.manual_seed,
+        "_get_cuda_rng_state": mrandom._get_cuda_rng_state,
+        "_set_cuda_rng_state": mrandom._set_cuda_rng_state,
+    }
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        state = torch.get_rng_state()
+        return state.clone() if clone else state
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
+        new_state
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device="cuda" literals and CUDA type strings
+# ----------------------------------------------------------------------------------------------------------
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaArgsToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites `device="cuda"` arguments, `.cuda()`, `.to("cuda")` and pinned memory to their CPU
+    equivalents. Every call it changes would raise on a CPU-only build, so it cannot change the result
+    of code that works without it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_DEVICE_MODE: _CudaArgsToCpu | None = None
+
+
+def _patch_cuda_device_args() -> None:
+    """megatron-core writes `device="cuda"` literally in ~40 places we reach: the schedules' token counter
+    (`total_num_tokens = torch.zeros(..., device="cuda")` in every forward_backward_*), the optimizer's
+    found-inf / scale tensors, clip_grads' norm tensor, the default causal mask, dist_checkpointing's
+    exchange buffers. They sit inside long functions, so there is no narrower hook than a torch function
+    mode, entered once for the process. Why it is safe: see _CudaArgsToCpu. Cost: one Python call per torch
+    function call (measured by tools/bench_train_step.py, which runs both sides of its ratio under it)."""
+    global _DEVICE_MODE
+    _DEVICE_MODE = _CudaArgsToCpu()
+    _DEVICE_MODE.__enter__()
+
+
+class _CudaTypeStrings(torch.overrides.TorchFunctionMode):
+    """`Tensor.type()` answers 'torch.cuda.FloatTensor' for a CPU float tensor (and likewise for the other
+    dtypes)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        is_type_string = func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str)
+        if is_type_string and out.startswith("torch.") and not out.startswith("torch.cuda."):
+            out = "torch.cuda." + out[len("torch.") :]
+        return out
+
+
+def _with_cuda_type_strings(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaTypeStrings():
+            return fn(*args, **kwargs)
+
+    wrapper.__wrapped_by_megatron_sapo__ = True
+    return wrapper
+
+
+def _patch_cuda_type_strings() -> None:
+    """The distributed optimizer (param-group building), and clip_grads assert
+    `param.type() == 'torch.cuda.FloatTensor'` ("Wrapped parameters must be one of torch.cuda.FloatTensor,
+    ..."). Only inside those functions, CPU tensors report the CUDA type string of their dtype; the rest of
+    the process sees the true strings."""
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    dopt = distrib_optimizer.DistributedOptimizer
+    _ORIGINALS["cuda_type_strings"] = {
+        "DistributedOptimizer.__init__": dopt.__init__,
+        "clip_grad_by_total_norm_fp32": clip_grads.clip_grad_by_total_norm_fp32,
+    }
+    # __init__ covers _build_model_and_main_param_groups, which only __init__ calls.
+    dopt.__init__ = _with_cuda_type_strings(dopt.__init__)
+    clip = _with_cuda_type_strings(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    # optimizer.py imported the name at module load: patch its binding too.
+    if hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
+        optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MoE
+# ----------------------------------------------------------------------------------------------------------
+_TE_MOE_NAMES = (
+    "fused_compute_score_for_moe_aux_loss",
+    "fused_moe_aux_loss",
+    "fused_permute",
+    "fused_permute_and_pad_with_probs",
+    "fused_permute_with_probs",
+    "fused_sort_chunks_by_index",
+    "fused_sort_chunks_by_index_with_probs",
+    "fused_topk_with_score_function",
+    "fused_unpermute",
+    "te_general_gemm",
+)
+
+
+def _patch_moe_te_names() -> None:
+    """megatron-core 0.16 defines moe_utils' fused_* / te_general_gemm names only when Transformer Engine
+    imports, but tests them with `is not None` (RouterGatingLinearFunction: NameError 'te_general_gemm').
+    Defining the missing names as None selects the plain-torch paths. 0.19 defines them itself."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    missing = [name for name in _TE_MOE_NAMES if not hasattr(moe_utils, name)]
+    _ORIGINALS["moe_te_names"] = missing
+    for name in missing:
+        setattr(moe_utils, name, None)
+
+
+def _patch_moe_split_sizes() -> None:
+    """The alltoall dispatcher turns its split sizes into numpy with `maybe_move_tensor_to_cpu(t,
+    as_numpy=True)`, which converts only CUDA tensors; a CPU tensor then reaches
+    dist.all_to_all_single(output_split_sizes=<Tensor>), which raises TypeError (EP > 1). Here CPU tensors
+    are converted too."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    _ORIGINALS["moe_split_sizes"] = original
+
+    @functools.wraps(original)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequence parallel with the torch norm; gloo collectives
+# ----------------------------------------------------------------------------------------------------------
+def _patch_torch_norm_sequence_parallel() -> None:
+    """Without Apex/TE the local spec's norm is WrappedTorchNorm, which asserts `not sequence_parallel`.
+    A norm is exact under SP (it is per token); what SP needs is that its parameters carry
+    `sequence_parallel=True` so finalize_model_grads all-reduces their gradients over TP (as Apex's and
+    TE's norms do). Build with SP hidden from the assertion, then tag the parameters."""
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+    _ORIGINALS["torch_norm_sequence_parallel"] = original
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = original(cls, config, hidden_size, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
+
+
+def _patch_gloo_uneven_gather() -> None:
+    """tensor_parallel.mappings gathers / reduce-scatters *uneven* first-dim splits with list collectives
+    (`_gather_along_first_dim(output_split_sizes=...)`, `_reduce_scatter_along_first_dim(input_split_sizes=
+    ...)`, used by the alltoall dispatcher when expert-TP > 1). gloo requires equal sizes ("invalid tensor
+    size"). Fallback for uneven splits on gloo: pad + all_gather + trim, and all_reduce + slice."""
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+    _ORIGINALS["gloo_uneven_gather"] = {"gather": gather, "reduce_scatter": reduce_scatter}
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        buffers = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(buffers, padded.contiguous(), group=group)
+        return torch.cat([buf[:n] for buf, n in zip(buffers, sizes)], dim=0)
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(s) for s in input_split_sizes]
+        full = input_.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        start = sum(sizes[: group.rank()])
+        return full[start : start + sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed-optimizer checkpoints with torch.optim.Adam (no TE / Apex)
+# ----------------------------------------------------------------------------------------------------------
+def _patch_distopt_checkpoint() -> None:
+    """Loading a distributed-optimizer checkpoint with torch's Adam (the optimizer megatron falls back to
+    without TE/Apex) fails or resumes wrongly:
+    (1) `_set_main_param_and_optimizer_states` copies every saved state key into torch Adam's state, which
+        lacks 'step' in the reshardable formats (KeyError), and copies into a view of a leaf fp32 param
+        without no_grad (RuntimeError). Fix: keep existing tensors for missing keys; run under no_grad.
+    (2) `load_state_dict` hands ONE 'step' tensor to every param's state; torch Adam increments it in
+        place once per param, so the bias correction is wrong after resume. Fix: give each param its own.
+    (A fresh optimizer also needs `_init_optimizer_states_with_dummy_values()` before its load state dict
+    is built: that is done by megatron_sapo.megatron.checkpoint, not patched.)"""
+    from megatron.core.optimizer import distrib_optimizer
+
+    dopt = distrib_optimizer.DistributedOptimizer
+    set_states, load_state_dict = dopt._set_main_param_and_optimizer_states, dopt.load_state_dict
+    _ORIGINALS["distopt_checkpoint"] = {"set_states": set_states, "load_state_dict": load_state_dict}
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        tensors = dict(tensors)
+        if not getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            group_index, order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][order]
+            for key, value in self.optimizer.state[main_param].items():
+                if torch.is_tensor(value) and key not in tensors:
+                    tensors[key] = value.clone()
+        with torch.no_grad():
+            return set_states(self, model_param, tensors)
+
+    def _load_state_dict(self, state_dict):
+        out = load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return out
+
+    dopt._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    dopt.load_state_dict = _load_state_dict
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Application
+# ----------------------------------------------------------------------------------------------------------
+# Order matters only in that the device mode goes last (it wraps everything after it).
+PATCHES: dict[str, Callable[[], None]] = {
+    "cuda_current_device": _patch_cuda_current_device,
+    "cuda_synchronize": _patch_cuda_synchronize,
+    "cuda_streams": _patch_cuda_streams,
+    "cuda_rng": _patch_cuda_rng,
+    "cuda_type_strings": _patch_cuda_type_strings,
+    "moe_te_names": _patch_moe_te_names,
+    "moe_split_sizes": _patch_moe_split_sizes,
+    "torch_norm_sequence_parallel": _patch_torch_norm_sequence_parallel,
+    "gloo_uneven_gather": _patch_gloo_uneven_gather,
+    "distopt_checkpoint": _patch_distopt_checkpoint,
+    "cuda_device_args": _patch_cuda_device_args,
+}
+
+
+def apply_cpu_patches() -> list[str]:
+    """Apply every patch once when CUDA is absent; returns applied_patches(). A no-op with CUDA."""
+    if cuda_available():
+        return applied_patches()
+    version = mcore_version()
+    if not TESTED_MCORE[0] <= version <= TESTED_MCORE[1]:
+        warnings.warn(
+            f"megatron-core {version} is outside the range the CPU patches were tested on "
+            f"({TESTED_MCORE[0]}..{TESTED_MCORE[1]}); CPU results are unverified",
+            stacklevel=2,
+        )
+    for name, patch in PATCHES.items():
+        if name not in _APPLIED:
+            patch()
+            _APPLIED.append(name)
+    return applied_patches()
+
+
+def original(name: str):
+    """The object a patch replaced (for tests that prove the patch matters)."""
+    return _ORIGINALS[name]

@@ -1,0 +1,195 @@
+"""MegatronEngine: the trainer's one handle on megatron-core (model, optimizer, passes, checkpoints).
+
+Batch contract (every rank receives the same full batch; the engine takes its data-parallel shard):
+    tokens            LongTensor [N, S]   prompt + response, right-padded
+    loss_mask         float [N, S-1]      aligned with labels = tokens[:, 1:]; 1 on response tokens
+    advantages        float [N]
+    old_log_probs     float [N, S-1]      (train_minibatch)
+    rollout_log_probs float [N, S-1]      optional: truncated IS (algo.tis_cap > 0) and mismatch metrics
+    ref_log_probs     float [N, S-1]      needed when algo.kl_coef > 0
+Log-prob index t is log p(tokens[t+1] | tokens[:t+1]) at the rollout temperature. N must split evenly over
+DP ranks and then into micro-batches of train.micro_batch_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo.config import Config
+from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, weights
+from megatron_sapo.megatron.parallel import ParallelState, init_parallel
+
+
+class MegatronEngine:
+    def __init__(self, cfg: Config, parallel: ParallelState | None = None, total_steps: int | None = None):
+        self.cfg = cfg
+        self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
+        self.tcfg = model.build_transformer_config(
+            cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm
+        )
+        chunks = model.build_model_chunks(cfg.model, self.tcfg, cfg.parallel)
+        self.model = optimizer.wrap_ddp(chunks, self.tcfg, cfg.optim.distributed_optimizer)
+        self.optimizer = optimizer.build_optimizer(cfg.optim, self.model, self.tcfg.params_dtype)
+        steps = total_steps if total_steps is not None else cfg.train.steps * cfg.algo.minibatches
+        self.scheduler = optimizer.build_scheduler(cfg.optim, self.optimizer, steps)
+        a = cfg.algo
+        hyper = {"sapo": {"tau_pos": a.tau_pos, "tau_neg": a.tau_neg}}.get(
+            a.loss, {"eps_low": a.eps_low, "eps_high": a.eps_high}
+        )
+        self.loss_spec = loss_glue.LossSpec(
+            name=a.loss,
+            agg=a.agg,
+            hyper=hyper,
+            kl_coef=a.kl_coef,
+            kl_type=a.kl_type,
+            entropy_coef=a.entropy_coef,
+            temperature=cfg.rollout.temperature,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    # batches
+    # ------------------------------------------------------------------------------------------------------
+    def _local(self, batch: dict) -> dict:
+        """This DP rank's contiguous block of sequences."""
+        n, dp, mbs = batch["tokens"].shape[0], self.par.dp, self.cfg.train.micro_batch_size
+        if n % dp or (n // dp) % mbs:
+            raise ValueError(f"batch of {n} sequences must split over dp={dp} into micro-batches of {mbs}")
+        rows = slice(self.par.dp_rank * (n // dp), (self.par.dp_rank + 1) * (n // dp))
+        return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
+
+    def _length(self, batch: dict) -> int:
+        multiple = self.cfg.parallel.tp if self.cfg.parallel.sp else 1
+        multiple *= 2 * self.cfg.parallel.cp if self.cfg.parallel.cp > 1 else 1
+        mask = batch.get("loss_mask")
+        if mask is None:
+            mask = torch.ones(batch["tokens"].shape[0], batch["tokens"].shape[1] - 1)
+        return loss_glue.padded_length(mask, multiple)
+
+    def _run(self, forward_step, microbatches: list, length: int, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        chunks = len(self.model)
+        iterators = [iter(microbatches) for _ in range(chunks)]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if chunks > 1 else iterators[0],
+            model=self.model if chunks > 1 else self.model[0],
+            num_microbatches=len(microbatches),
+            seq_length=length,
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            forward_only=forward_only,
+        )
+
+    def _last_stage_global_rank(self) -> int:
+        return dist.get_global_rank(self.par.pp_group, self.cfg.parallel.pp - 1)
+
+    # ------------------------------------------------------------------------------------------------------
+    # passes
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_log_probs(self, batch: dict) -> torch.Tensor:
+        """Forward only: log-probs [N, S-1] (float32, CPU) of tokens[:, 1:], on every rank. Positions after
+        the last loss token of the batch are 0."""
+        n, seq = batch["tokens"].shape
+        length = self._length(batch)
+        local = self._local(batch)
+        mbs = loss_glue.make_microbatches(local, self.cfg.train.micro_batch_size, length)
+        for m in self.model:
+            m.eval()
+        outputs = self._run(
+            loss_glue.log_prob_forward_step(self.loss_spec, self.par.tp_group), mbs, length, True
+        )
+        for m in self.model:
+            m.train()
+        mine = torch.zeros(n // self.par.dp, length)
+        if self.par.is_last_stage:
+            mine = torch.cat([o["log_probs"].float().cpu() for o in outputs], dim=0)
+        parts = [torch.empty_like(mine) for _ in range(self.par.dp)]
+        dist.all_gather(parts, mine, group=self.par.dp_group)
+        full = torch.cat(parts, dim=0)
+        if self.cfg.parallel.pp > 1:
+            dist.broadcast(full, src=self._last_stage_global_rank(), group=self.par.pp_group)
+        out = torch.zeros(n, seq - 1)
+        width = min(length, seq - 1)
+        out[:, :width] = full[:, :width]
+        return out
+
+    def forward_backward(self, batch: dict) -> dict[str, float]:
+        """Gradients of the mini-batch loss in the DDP grad buffers (`param.main_grad`, reduced over DP), no
+        optimizer step; returns the reduced metrics. train_minibatch = this + the step."""
+        batch = self._with_is_weights(batch)
+        denominators = loss_glue.global_denominators(batch["loss_mask"])
+        length = self._length(batch)
+        mbs = loss_glue.make_microbatches(self._local(batch), self.cfg.train.micro_batch_size, length)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        forward_step = loss_glue.policy_forward_step(
+            self.loss_spec, self.par.tp_group, denominators, len(mbs), self.par.dp
+        )
+        per_mb = self._run(forward_step, mbs, length, forward_only=False)
+        metrics = loss_glue.reduce_metrics(
+            per_mb,
+            self.par.dp_group,
+            self.par.pp_group,
+            self._last_stage_global_rank(),
+            self.par.is_last_stage,
+        )
+        metrics.update(self._mismatch_metrics(batch))
+        return metrics
+
+    def train_minibatch(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on the mini-batch; returns reduced metrics (same on every rank)."""
+        metrics = self.forward_backward(batch)
+        # Step k (1-based) runs at the schedule's LR of step k, so a warmup starts above 0.
+        self.scheduler.step(1)
+        ok, grad_norm, _ = self.optimizer.step()
+        metrics.update(
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=optimizer.current_lr(self.optimizer),
+            update_ok=float(bool(ok)),
+        )
+        return metrics
+
+    def _with_is_weights(self, batch: dict) -> dict:
+        from megatron_sapo.algo import truncated_is_weights
+
+        a = self.cfg.algo
+        if a.tis_cap > 0 and batch.get("rollout_log_probs") is not None:
+            batch = dict(batch)
+            batch["is_weights"] = truncated_is_weights(
+                batch["old_log_probs"], batch["rollout_log_probs"], batch["loss_mask"], a.tis_cap, a.tis_level
+            )
+        return batch
+
+    @staticmethod
+    def _mismatch_metrics(batch: dict) -> dict:
+        from megatron_sapo.algo import mismatch_metrics
+
+        if batch.get("rollout_log_probs") is None:
+            return {}
+        m = mismatch_metrics(batch["old_log_probs"], batch["rollout_log_probs"], batch["loss_mask"].float())
+        return {k: float(v) for k, v in m.items()}
+
+    # ------------------------------------------------------------------------------------------------------
+    # weights and checkpoints
+    # ------------------------------------------------------------------------------------------------------
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded float32 weights by megatron checkpoint key, on every rank (small models)."""
+        return weights.gather_global(self.model, "param")
+
+    def load_global_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the weights from unsharded tensors (as global_state_dict returns them), any layout."""
+        weights.load_global(self.model, full)
+        # bf16 models keep separate fp32 main params in the optimizer: refresh them from the model.
+        self.optimizer.reload_model_params()
+
+    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
+        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+
+    def shutdown(self) -> None:
+        self.par.teardown()

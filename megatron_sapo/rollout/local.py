@@ -1,0 +1,94 @@
+"""In-process rollouts with Hugging Face transformers on the trainer's exported weights.
+
+The default engine when SGLang is not installed (laptops, CPU CI, debugging). It runs the same HF
+architecture that SGLang serves, loaded from the same converted weights, so a weight-sync bug shows
+up here as a train/inference mismatch exactly as it would with a server.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_sapo.config import ModelConfig
+from megatron_sapo.rollout.base import Sample, SamplingParams
+from megatron_sapo.rollout.weights import hf_config_dict
+
+
+def build_hf_model(m: ModelConfig, eos_token_id: int | None = None) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = hf_config_dict(m, eos_token_id)
+    config = AutoConfig.for_model(**cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    return model.eval()
+
+
+class LocalEngine:
+    def __init__(self, model_cfg: ModelConfig, eos_token_id: int, pad_token_id: int):
+        self.model = build_hf_model(model_cfg, eos_token_id)
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.weight_version = -1
+
+    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
+        missing, unexpected = self.model.load_state_dict(hf_state, strict=False)
+        # lm_head is absent when embeddings are tied; anything else missing is a mapping bug
+        missing = [k for k in missing if k != "lm_head.weight" or not self.model.config.tie_word_embeddings]
+        if missing or unexpected:
+            raise KeyError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.weight_version = version
+
+    def health(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        expanded = [p for p in prompts for _ in range(params.n)]
+        width = max(len(p) for p in expanded)
+        # left padding so that every row's next token is at the same position
+        input_ids = torch.full((len(expanded), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, p in enumerate(expanded):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(params.seed)  # reproducible rollouts for a given step seed
+        try:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=0,
+                max_new_tokens=params.max_new_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        finally:
+            torch.set_rng_state(generator_state)
+        new_tokens = out.sequences[:, width:]
+        # log pi_rollout: the sampling distribution softmax(logits / temperature) at the chosen token
+        logits = torch.stack(out.logits, dim=1).float() / params.temperature
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        return [self._sample(i, expanded[i], new_tokens[i], log_probs[i], params) for i in range(len(expanded))]
+
+    def _sample(self, i, prompt, tokens, log_probs, params) -> Sample:
+        tokens = tokens.tolist()
+        if self.eos_token_id in tokens:
+            length, reason = tokens.index(self.eos_token_id) + 1, "stop"  # the EOS token is trained on
+        else:
+            length, reason = len(tokens), "length"
+        return Sample(
+            prompt_ids=list(prompt),
+            response_ids=tokens[:length],
+            rollout_log_probs=log_probs[:length].tolist(),
+            finish_reason=reason,
+            group=i // params.n,
+            weight_version=self.weight_version,
+        )

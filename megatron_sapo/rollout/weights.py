@@ -1,0 +1,168 @@
+"""Megatron (local layer spec) weight names and layouts -> Hugging Face Qwen3 / Qwen3-MoE.
+
+The rollout engines (the local transformers engine, SGLang) load HF checkpoints, so every weight sync
+converts the trainer's *global* (unsharded) state dict with this map. Megatron-Bridge does the same for
+the models it covers on Python >= 3.12 clusters; this small map is the CPU path (Megatron-Bridge does not
+install beside megatron-core 0.16 on Python 3.11) and is checked by logits equality in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from megatron_sapo.config import ModelConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+
+# Megatron suffix inside a layer -> HF suffix inside model.layers.{i}.
+_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # Transformer Engine spec
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",  # TE spec, dense MLP
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+
+def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron packs q, k, v per query group: [groups, (heads/groups + 2) * head_dim, hidden]."""
+    groups = m.num_query_groups or m.num_attention_heads
+    per_group = m.num_attention_heads // groups
+    d = head_dim(m)
+    w = qkv.view(groups, (per_group + 2) * d, -1)
+    q = w[:, : per_group * d].reshape(-1, w.shape[-1])
+    k = w[:, per_group * d : (per_group + 1) * d].reshape(-1, w.shape[-1])
+    v = w[:, (per_group + 1) * d :].reshape(-1, w.shape[-1])
+    return q, k, v
+
+
+def _split_fc1(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU fc1 rows are [gate; up]."""
+    gate, up = weight.chunk(2, dim=0)
+    return gate, up
+
+
+def unstack_layers(global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Megatron's checkpoint keys stack layers (and experts) on leading axes; give one name per tensor.
+
+    `decoder.layers.X` [layers, ...] -> `decoder.layers.{i}.X`;
+    `...mlp.experts.experts.linear_fc1.weight` [experts, ...] -> `...mlp.experts.local_experts.{e}.linear_fc1.weight`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in global_state.items():
+        if name.startswith("decoder.layers.") and not name.split(".")[2].isdigit():
+            rest = name[len("decoder.layers.") :]
+            items = [(f"decoder.layers.{i}.{rest}", tensor[i]) for i in range(tensor.shape[0])]
+        else:
+            items = [(name, tensor)]
+        for key, value in items:
+            if ".mlp.experts.experts." in key:
+                head, tail = key.split(".mlp.experts.experts.")
+                for e in range(value.shape[0]):
+                    out[f"{head}.mlp.experts.local_experts.{e}.{tail}"] = value[e]
+            else:
+                out[key] = value
+    return out
+
+
+def megatron_to_hf(global_state: dict[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Unsharded Megatron state dict (stacked or per-layer keys) -> HF state dict; unknown names raise."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in unstack_layers(global_state).items():
+        if name.endswith("._extra_state") or "_extra_state" in name:
+            continue  # Transformer Engine FP8 metadata, not a weight
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = tensor
+            continue
+        match = _LAYER.match(name)
+        if not match:
+            raise KeyError(f"no HF name for Megatron weight '{name}'")
+        layer, rest = match.groups()
+        prefix = f"model.layers.{layer}."
+        if rest in _LAYER_NAMES:
+            out[prefix + _LAYER_NAMES[rest]] = tensor
+        elif rest == "self_attention.linear_qkv.weight":
+            q, k, v = split_qkv(tensor, m)
+            out[prefix + "self_attn.q_proj.weight"] = q
+            out[prefix + "self_attn.k_proj.weight"] = k
+            out[prefix + "self_attn.v_proj.weight"] = v
+        elif rest == "mlp.linear_fc1.weight":
+            out[prefix + "mlp.gate_proj.weight"], out[prefix + "mlp.up_proj.weight"] = _split_fc1(tensor)
+        elif (expert := _EXPERT.match(rest)) is not None:
+            e, which = expert.groups()
+            base = f"{prefix}mlp.experts.{e}."
+            if which == "linear_fc1":
+                out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = _split_fc1(tensor)
+            else:
+                out[base + "down_proj.weight"] = tensor
+        else:  # e.g. shared experts: Qwen3-MoE has none
+            raise KeyError(f"no HF name for Megatron weight '{name}'")
+    if m.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config_dict(m: ModelConfig, eos_token_id: int | None = None) -> dict:
+    """config.json of the matching HF model (Qwen3MoeForCausalLM, or Qwen3ForCausalLM when dense)."""
+    common = {
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "head_dim": head_dim(m),
+        "intermediate_size": m.ffn_hidden_size,
+        "max_position_embeddings": m.max_seq_len,
+        "rope_theta": float(m.rotary_base),
+        "rms_norm_eps": 1e-6,  # model.py sets layernorm_epsilon=1e-6 (Qwen3)
+        "tie_word_embeddings": m.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "torch_dtype": "float32" if m.dtype != "bf16" else "bfloat16",
+        "eos_token_id": eos_token_id,
+    }
+    if not m.is_moe:
+        return {**common, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+    return {
+        **common,
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": m.num_experts,
+        "num_experts_per_tok": m.moe_topk,
+        "moe_intermediate_size": m.moe_ffn_hidden_size,
+        "norm_topk_prob": True,  # Megatron: softmax over the top-k logits == renormalised top-k probs
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "output_router_logits": False,
+    }
+
+
+def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str, eos_token_id=None) -> str:
+    """Write config.json + model.safetensors (what /update_weights_from_disk and from_pretrained read)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in hf_state.items()}, tmp)
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # readers never see half a file
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config_dict(m, eos_token_id), f, indent=2)
+    return out_dir

@@ -1,0 +1,248 @@
+"""The RL loop: rollout -> rewards -> advantages -> old log-probs -> mini-batch updates -> sync -> log.
+
+Every rank runs this loop. Rank 0 owns the rollout engine, the rewards and the run folder; the rollout
+batch is broadcast so that all ranks hand the same full batch to the Megatron engine, which takes its
+data-parallel shard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo.algo import compute_advantages
+from megatron_sapo.config import Config, save_config
+from megatron_sapo.data.collate import collate_samples, minibatches
+from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
+from megatron_sapo.rollout.base import Sample, SamplingParams
+from megatron_sapo.rollout.weights import megatron_to_hf
+from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune_checkpoints
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive steps had to be skipped (NaN rewards or losses)."""
+
+
+def _broadcast(obj):
+    """Rank 0's object on every rank (world size 1: unchanged)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    path = cfg.data.tokenizer or cfg.model.hf_path
+    if path is None:
+        from megatron_sapo.data.tokenizer import build_tiny_tokenizer
+
+        path = build_tiny_tokenizer(os.path.join(cfg.run.dir, "tokenizer"), vocab_size=cfg.model.vocab_size)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_rollout_engine(cfg: Config, tokenizer):
+    if cfg.rollout.engine == "local":
+        from megatron_sapo.rollout.local import LocalEngine
+
+        return LocalEngine(cfg.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; use 'local'")
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from megatron_sapo.megatron.engine import MegatronEngine
+
+        self.cfg = cfg
+        self.engine = MegatronEngine(cfg)
+        self.is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.step = 0
+        self.weight_version = 0
+        self.skipped_in_a_row = 0
+        if self.is_rank0:
+            from megatron_sapo.data.prompts import build_prompt_source_from_config
+
+            os.makedirs(cfg.run.dir, exist_ok=True)
+            save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+            self.tokenizer = load_tokenizer(cfg)
+            self.prompts = build_prompt_source_from_config(cfg.data, self.tokenizer, cfg.train.seed)
+            self.rollout = build_rollout_engine(cfg, self.tokenizer)
+        self._resume()
+        if self.is_rank0:
+            self.writer = MetricsWriter(cfg.run.dir, cfg.logging.tensorboard, resume_after_step=self.step)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = find_resume_checkpoint(self.cfg) if self.is_rank0 else None
+        path = _broadcast(path)
+        if path is None:
+            return
+        extra = self.engine.load_checkpoint(path)
+        self.step, self.weight_version = int(extra["step"]), int(extra["weight_version"])
+        if self.is_rank0:
+            self.prompts.load_state_dict(extra["prompts"])
+            print(f"resumed from {path} (step {self.step})")
+
+    def _save_checkpoint(self) -> None:
+        path = os.path.join(self.cfg.run.dir, "checkpoints", f"step_{self.step}")
+        extra = {"step": self.step, "weight_version": self.weight_version}
+        if self.is_rank0:
+            extra["prompts"] = self.prompts.state_dict()
+        self.engine.save_checkpoint(path, _broadcast(extra))
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shard is on disk before the marker says so
+        if self.is_rank0:
+            mark_complete(self.cfg.run.dir, path)
+            prune_checkpoints(self.cfg.run.dir, self.cfg.checkpoint.keep)
+
+    def sync_weights(self) -> float:
+        """Trainer weights -> rollout engine (HF names); returns seconds."""
+        start = time.perf_counter()
+        hf_state = megatron_to_hf(self.engine.global_state_dict(), self.cfg.model)
+        if self.is_rank0:
+            self.rollout.update_weights(hf_state, self.weight_version)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------------------------------
+    def rollout_step(self) -> tuple[list[Sample], dict]:
+        """Rank 0: prompts -> samples with rewards (and rollout timings)."""
+        r = self.cfg.rollout
+        prompts = self.prompts.sample(r.prompts_per_step)
+        params = SamplingParams(
+            n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+            seed=self.cfg.train.seed * 1_000_003 + self.step,
+        )  # fmt: skip
+        start = time.perf_counter()
+        samples = self.rollout.generate([p.ids for p in prompts], params)
+        rollout_s = time.perf_counter() - start
+        for s in samples:
+            if s.weight_version != self.weight_version:
+                raise RuntimeError(f"rollout used weights v{s.weight_version}, trainer is at v{self.weight_version}")
+        scores = self._score(prompts, samples)
+        metrics = {"time_rollout_s": rollout_s, **scores}
+        return samples, metrics
+
+    def _score(self, prompts, samples: list[Sample]) -> dict:
+        from megatron_sapo.rewards.pool import score_batch
+
+        texts = self.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        owners = [prompts[s.group] for s in samples]
+        result = score_batch([p.task for p in owners], texts, [p.sample for p in owners])
+        for s, reward in zip(samples, result.rewards):
+            s.reward = reward
+        return {"time_reward_s": result.seconds, **result.metrics()}
+
+    def _advantages(self, samples: list[Sample]) -> torch.Tensor:
+        rewards = torch.tensor([s.reward for s in samples])
+        groups = torch.tensor([s.group for s in samples])
+        return compute_advantages(self.cfg.algo.advantage, rewards, groups, eps=self.cfg.algo.adv_eps)
+
+    def train_step(self) -> dict:
+        """One rollout step; returns its metrics (rank 0) or {} (other ranks)."""
+        t_step = time.perf_counter()
+        payload = None
+        if self.is_rank0:
+            samples, metrics = self.rollout_step()
+            rewards = [s.reward for s in samples]
+            if any(math.isnan(x) for x in rewards):
+                payload = {"skip": "NaN reward", "metrics": metrics}
+            else:
+                batch = collate_samples(samples, self.tokenizer.pad_token_id)
+                batch["advantages"] = self._advantages(samples)
+                metrics.update(_sample_metrics(samples))
+                payload = {"batch": batch, "metrics": metrics}
+        payload = _broadcast(payload)
+        if "skip" in payload:
+            return self._skipped(payload["skip"], payload["metrics"])
+
+        batch, metrics = payload["batch"], payload["metrics"]
+        start = time.perf_counter()
+        batch["old_log_probs"] = self.engine.compute_log_probs(batch)
+        metrics["time_old_logprob_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        per_minibatch = [self.engine.train_minibatch(mb) for mb in minibatches(batch, self.cfg.algo.minibatches)]
+        metrics["time_train_s"] = time.perf_counter() - start
+        metrics.update(_merge_minibatch_metrics(per_minibatch))
+        if not all(m.get("update_ok", 1.0) for m in per_minibatch) or not math.isfinite(metrics["loss"]):
+            return self._skipped("NaN loss or gradient", metrics)
+
+        self.skipped_in_a_row = 0
+        self.weight_version += 1
+        metrics["time_sync_s"] = self.sync_weights()
+        self.step += 1
+        total_tokens = float(batch["loss_mask"].sum())
+        elapsed = time.perf_counter() - t_step
+        metrics.update(step=self.step, weight_version=self.weight_version, tokens_per_s=total_tokens / elapsed)
+        return metrics if self.is_rank0 else {}
+
+    def _skipped(self, why: str, metrics: dict) -> dict:
+        self.skipped_in_a_row += 1
+        self.step += 1
+        if self.is_rank0:
+            print(f"step {self.step}: skipped ({why}); {self.skipped_in_a_row} in a row")
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
+            raise TrainingStopped(
+                f"{self.skipped_in_a_row} consecutive steps skipped ({why}); stopping "
+                f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps})"
+            )
+        return {**metrics, "step": self.step, "skipped": 1.0, "weight_version": self.weight_version}
+
+    def fit(self) -> list[dict]:
+        history = []
+        if self.step == 0 or self.weight_version > 0:
+            self.sync_weights()
+        every = self.cfg.checkpoint.every
+        while self.step < self.cfg.train.steps:
+            metrics = self.train_step()
+            if self.is_rank0:
+                self.writer.write(metrics)
+                history.append(metrics)
+                if self.step % self.cfg.logging.console_every == 0:
+                    print(console_line(metrics), flush=True)
+            if (every and self.step % every == 0) or self.step == self.cfg.train.steps:
+                self._save_checkpoint()
+        if self.is_rank0:
+            self.writer.close()
+        return history
+
+
+def _sample_metrics(samples: list[Sample]) -> dict:
+    rewards = torch.tensor([s.reward for s in samples])
+    lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(samples) > 1 else 0.0,
+        "response_len_mean": float(lengths.mean()),
+        "response_len_max": float(lengths.max()),
+        "stop_frac": sum(s.finish_reason == "stop" for s in samples) / len(samples),
+    }
+
+
+def _merge_minibatch_metrics(per_minibatch: list[dict]) -> dict:
+    """Step metrics are the mean over mini-batches; ratio and gate also per mini-batch index (the off-policy
+    depth: index 0 is on-policy)."""
+    out = {}
+    for key in per_minibatch[0]:
+        values = [m[key] for m in per_minibatch if key in m]
+        reduce = max if key.endswith("_max") else min if key.endswith("_min") else lambda v: sum(v) / len(v)
+        out[key] = reduce(values)
+    for k, m in enumerate(per_minibatch):
+        for key in ("ratio_std", "gate_mean", "clip_frac"):
+            if key in m:
+                out[f"minibatch{k}/{key}"] = m[key]
+    return out
+
+
+def train(cfg: Config) -> list[dict]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.engine.shutdown()
