@@ -225,6 +225,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"config key '{key}'{where}: expected a list, got {type(value).__name__}")
         return [_coerce(v, item_tp, key, where) for v in value]
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; it is a float to every user.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}'{where}: expected a number, got {value!r}")
         return float(value)

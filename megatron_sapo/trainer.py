@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import signal
 import time
 
 import torch
@@ -21,6 +23,16 @@ from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
 from megatron_sapo.rollout.base import Sample, SamplingParams
 from megatron_sapo.rollout.weights import megatron_to_hf
 from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune_checkpoints
+
+DYNAMIC_SAMPLING_ROUNDS = 4
+
+
+def fault_point(phase: str, step: int) -> None:
+    """Fault injection for the resume tests: MEGATRON_SAPO_KILL_AT=phase@step SIGKILLs this process there
+    (phases: rollout, update, checkpoint). Unset in normal runs: one environment lookup."""
+    target = os.environ.get("MEGATRON_SAPO_KILL_AT")
+    if target and target == f"{phase}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TrainingStopped(RuntimeError):
@@ -60,24 +72,47 @@ class Trainer:
         from megatron_sapo.megatron.engine import MegatronEngine
 
         self.cfg = cfg
-        self.engine = MegatronEngine(cfg)
-        self.is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        self.step = 0
-        self.weight_version = 0
-        self.skipped_in_a_row = 0
+        # Data and tokenizer first: bad input fails in seconds, before the model is built.
+        self.is_rank0 = int(os.environ.get("RANK", "0")) == 0
         if self.is_rank0:
             from megatron_sapo.data.prompts import build_prompt_source_from_config
 
             os.makedirs(cfg.run.dir, exist_ok=True)
-            save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+            resolved = os.path.join(cfg.run.dir, "config.yaml")
+            save_config(cfg, resolved)
+            with open(resolved, encoding="utf-8") as f:
+                print(f"resolved config (saved as {resolved}):\n{f.read()}", flush=True)
             self.tokenizer = load_tokenizer(cfg)
             self.prompts = build_prompt_source_from_config(cfg.data, self.tokenizer, cfg.train.seed)
             self.rollout = build_rollout_engine(cfg, self.tokenizer)
+        self.engine = MegatronEngine(cfg)
+        self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
+        self.step = 0
+        self.weight_version = 0
+        self.skipped_in_a_row = 0
         self._resume()
         if self.is_rank0:
             self.writer = MetricsWriter(cfg.run.dir, cfg.logging.tensorboard, resume_after_step=self.step)
 
     # ------------------------------------------------------------------------------------------------------
+    def _build_reference(self):
+        """A frozen copy of the initial policy for the KL penalty (same layout and process groups). Its
+        weights are kept in the run folder, so a resumed run uses the initial weights, not the resumed ones."""
+        from megatron_sapo.megatron.engine import MegatronEngine
+
+        reference = MegatronEngine(self.cfg, parallel=self.engine.par)
+        path = os.path.join(self.cfg.run.dir, "reference_weights.pt")
+        exists = _broadcast(os.path.exists(path) if self.is_rank0 else None)
+        if exists:
+            state = torch.load(path, weights_only=True)  # the run folder is shared by all ranks
+        else:
+            state = self.engine.global_state_dict()
+            if self.is_rank0:
+                torch.save(state, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        reference.load_global_state_dict(state)
+        return reference
+
     def _resume(self) -> None:
         path = find_resume_checkpoint(self.cfg) if self.is_rank0 else None
         path = _broadcast(path)
@@ -94,9 +129,12 @@ class Trainer:
         extra = {"step": self.step, "weight_version": self.weight_version}
         if self.is_rank0:
             extra["prompts"] = self.prompts.state_dict()
+        if self.is_rank0 and os.path.isdir(path):
+            shutil.rmtree(path)  # an earlier, killed write of this step: never complete, never loaded
         self.engine.save_checkpoint(path, _broadcast(extra))
         if dist.is_initialized():
             dist.barrier()  # every rank's shard is on disk before the marker says so
+        fault_point("checkpoint", self.step)
         if self.is_rank0:
             mark_complete(self.cfg.run.dir, path)
             prune_checkpoints(self.cfg.run.dir, self.cfg.checkpoint.keep)
@@ -111,22 +149,52 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def rollout_step(self) -> tuple[list[Sample], dict]:
-        """Rank 0: prompts -> samples with rewards (and rollout timings)."""
+        """Rank 0: prompts -> samples with rewards. With algo.dynamic_sampling, groups whose rewards are all
+        equal (zero advantage: no learning signal) are dropped and refilled from new prompts, for at most
+        DYNAMIC_SAMPLING_ROUNDS rounds; if still short, dropped groups fill the batch (counted in metrics)."""
+        r = self.cfg.rollout
+        dynamic = self.cfg.algo.dynamic_sampling
+        kept, dropped = [], []
+        metrics = {"time_rollout_s": 0.0, "time_reward_s": 0.0}
+        rounds = 0
+        while len(kept) < r.prompts_per_step and rounds < (DYNAMIC_SAMPLING_ROUNDS if dynamic else 1):
+            groups, round_metrics = self._generate_groups(rounds)
+            for key in ("time_rollout_s", "time_reward_s"):
+                metrics[key] += round_metrics.pop(key)
+            metrics.update(round_metrics)
+            for group in groups:
+                uniform = len({s.reward for s in group[1]}) == 1
+                (dropped if dynamic and uniform else kept).append(group)
+            rounds += 1
+        filled = max(0, r.prompts_per_step - len(kept))
+        groups = kept[: r.prompts_per_step] + dropped[:filled]
+        if dynamic:
+            metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/dropped_groups": len(dropped),
+                            "dynamic_sampling/filled_groups": filled})  # fmt: skip
+        samples = []
+        for index, (_, group_samples) in enumerate(groups):
+            for s in group_samples:
+                s.group = index  # renumbered in batch order: the advantage groups
+                samples.append(s)
+        return samples, metrics
+
+    def _generate_groups(self, round_index: int) -> tuple[list[tuple], dict]:
         r = self.cfg.rollout
         prompts = self.prompts.sample(r.prompts_per_step)
         params = SamplingParams(
             n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-            seed=self.cfg.train.seed * 1_000_003 + self.step,
+            seed=self.cfg.train.seed * 1_000_003 + self.step * 101 + round_index,
         )  # fmt: skip
         start = time.perf_counter()
+        fault_point("rollout", self.step + 1)
         samples = self.rollout.generate([p.ids for p in prompts], params)
         rollout_s = time.perf_counter() - start
         for s in samples:
             if s.weight_version != self.weight_version:
                 raise RuntimeError(f"rollout used weights v{s.weight_version}, trainer is at v{self.weight_version}")
-        scores = self._score(prompts, samples)
-        metrics = {"time_rollout_s": rollout_s, **scores}
-        return samples, metrics
+        metrics = {"time_rollout_s": rollout_s, **self._score(prompts, samples)}
+        groups = [(p, [s for s in samples if s.group == i]) for i, p in enumerate(prompts)]
+        return groups, metrics
 
     def _score(self, prompts, samples: list[Sample]) -> dict:
         from megatron_sapo.rewards.pool import score_batch
@@ -164,10 +232,15 @@ class Trainer:
         batch, metrics = payload["batch"], payload["metrics"]
         start = time.perf_counter()
         batch["old_log_probs"] = self.engine.compute_log_probs(batch)
+        if self.reference is not None:
+            batch["ref_log_probs"] = self.reference.compute_log_probs(batch)
         metrics["time_old_logprob_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        per_minibatch = [self.engine.train_minibatch(mb) for mb in minibatches(batch, self.cfg.algo.minibatches)]
+        per_minibatch = []
+        for mb in minibatches(batch, self.cfg.algo.minibatches):
+            per_minibatch.append(self.engine.train_minibatch(mb))
+            fault_point("update", self.step + 1)  # after an optimizer step, before the step completes
         metrics["time_train_s"] = time.perf_counter() - start
         metrics.update(_merge_minibatch_metrics(per_minibatch))
         if not all(m.get("update_ok", 1.0) for m in per_minibatch) or not math.isfinite(metrics["loss"]):
@@ -210,7 +283,20 @@ class Trainer:
                 self._save_checkpoint()
         if self.is_rank0:
             self.writer.close()
+            self._plot()
         return history
+
+    def _plot(self) -> None:
+        if not self.cfg.logging.plots:
+            return
+        try:
+            from megatron_sapo.diagnostics.plots import plot_run
+        except ImportError:
+            return
+        try:
+            plot_run(self.cfg.run.dir)
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install matplotlib, or tools/plot_metrics.py later)")
 
 
 def _sample_metrics(samples: list[Sample]) -> dict:
@@ -246,3 +332,5 @@ def train(cfg: Config) -> list[dict]:
         return trainer.fit()
     finally:
         trainer.engine.shutdown()
+        if trainer.is_rank0:
+            trainer.rollout.shutdown()

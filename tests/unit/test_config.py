@@ -31,6 +31,9 @@ def test_yaml_file_and_overrides_compose(tmp_path):
 
 def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path):
     assert load_config(None, ["algo.tau_pos=2"]).algo.tau_pos == 2.0
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # a string to PyYAML
+    with pytest.raises(ConfigError, match="'optim.lr'.*expected a number, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"'parallel.tp'.*expected an integer"):
         load_config(None, ["parallel.tp=1.5"])
 

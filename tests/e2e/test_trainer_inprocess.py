@@ -1,0 +1,99 @@
+"""The RL loop in-process (world size 1) on the real engines: dynamic sampling, NaN rewards, bad data."""
+
+import json
+import math
+
+import pytest
+
+from megatron_sapo.config import load_config
+from megatron_sapo.data.datasets import DataError
+from megatron_sapo.rewards.registry import REWARDS, register_reward
+
+if "test_constant" not in REWARDS:
+    register_reward("test_constant", description="always 1: a group with no learning signal")(lambda c, s: 1.0)
+    register_reward("test_nan", description="a broken verifier that returns NaN")(lambda c, s: math.nan)
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _cfg(tmp_path, data_file, *overrides):
+    return load_config(
+        "examples/tiny_moe_cpu.yaml",
+        [f"data.paths=[{data_file}]", f"run.dir={tmp_path / 'run'}", "rollout.max_new_tokens=4",
+         "checkpoint.resume=none", *overrides],
+    )  # fmt: skip
+
+
+def _train(cfg):
+    from megatron_sapo.trainer import train
+
+    return train(cfg)
+
+
+def test_dynamic_sampling_drops_and_refills_uniform_groups(tmp_path):
+    rows = [{"prompt": f"copy:{i}{i}{i}=", "answer": f"{i}{i}{i}", "task": "copy"} for i in range(8)]
+    rows += [{"prompt": f"const:{i}=", "answer": "1", "task": "test_constant"} for i in range(8)]
+    cfg = _cfg(tmp_path, _write_rows(tmp_path / "mix.jsonl", rows), "train.steps=2", "algo.dynamic_sampling=true")
+    history = _train(cfg)
+    assert len(history) == 2
+    dropped = sum(m["dynamic_sampling/dropped_groups"] for m in history)
+    assert dropped > 0  # the constant-reward prompts were sampled and dropped
+    for m in history:
+        kept_copy_groups = cfg.rollout.prompts_per_step - m["dynamic_sampling/filled_groups"]
+        assert kept_copy_groups >= 1
+        assert m["reward_mean"] < 1.0  # a batch of only constant groups would average exactly 1
+
+
+def test_nan_rewards_skip_steps_then_stop_with_a_clear_message(tmp_path):
+    from megatron_sapo.trainer import TrainingStopped
+
+    rows = [{"prompt": f"x{i}=", "answer": "1", "task": "test_nan"} for i in range(8)]
+    cfg = _cfg(tmp_path, _write_rows(tmp_path / "nan.jsonl", rows), "train.steps=5", "train.max_skipped_steps=2")
+    with pytest.raises(TrainingStopped, match=r"2 consecutive steps skipped \(NaN reward\)"):
+        _train(cfg)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["skipped"] == 1.0  # the first skip was logged
+
+
+def test_bad_data_files_name_the_culprit(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "copy:1=", "answer": "1", "task": "copy"}\n{"prompt": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl.*line 2"):
+        _train(_cfg(tmp_path, str(bad), "train.steps=1"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        _train(_cfg(tmp_path, str(empty), "train.steps=1"))
+    missing = _write_rows(tmp_path / "missing.jsonl", [{"prompt": "copy:1=", "task": "copy"}])
+    with pytest.raises(DataError, match=r"missing.jsonl.*answer"):
+        _train(_cfg(tmp_path, missing, "train.steps=1"))
+
+
+def test_plot_tool_writes_pngs_from_a_recorded_run(tmp_path):
+    from megatron_sapo.diagnostics.plots import plot_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": i, "reward_mean": 0.1 * i, "ratio_std": 0.01, "gate_mean": 0.99, "loss": -0.1} for i in (1, 2, 3)]
+    rows.append({"step": 4, "skipped": 1.0})
+    _write_rows(run / "metrics.jsonl", rows)
+    written = plot_run(str(run))
+    names = sorted(p.rsplit("/", 1)[1] for p in written)
+    assert names == ["gate_and_clip.png", "loss_and_grad.png", "ratio.png", "reward.png"]
+    for path in written:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kl_penalty_uses_the_initial_policy_as_reference(tmp_path):
+    rows = [{"prompt": f"copy:{i}{i}{i}=", "answer": f"{i}{i}{i}", "task": "copy"} for i in range(8)]
+    data = _write_rows(tmp_path / "copy.jsonl", rows)
+    history = _train(_cfg(tmp_path, data, "train.steps=2", "algo.kl_coef=0.1"))
+    # step 1's first mini-batch runs on the initial weights: policy == reference, so its KL starts at 0 and
+    # grows as the policy moves; it is reported, and the reference weights were saved for a resume
+    assert all("kl_ref" in m for m in history)
+    assert 0.0 <= history[0]["kl_ref"] < history[1]["kl_ref"]
+    assert (tmp_path / "run" / "reference_weights.pt").exists()

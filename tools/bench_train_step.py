@@ -1,0 +1,201 @@
+"""Benchmark: SAPO train step vs bare Megatron forward-backward, and the log-prob peak memory.
+
+    python tools/bench_train_step.py [--hidden 256 --layers 4 --vocab 16384 --seq 256 --seqs 8 --repeats 5]
+
+1. Step time. One process, real megatron-core (local spec on CPU, TE spec on GPU). The SAPO side is
+   MegatronEngine.forward_backward (vocab-parallel log-probs + entropy + compute_policy_loss + metric
+   reduction); the bare side runs the same model, micro-batches and schedule with megatron's own
+   cross-entropy (GPTModel(labels=...) -> vocab_parallel_cross_entropy) and a masked mean. The optimizer
+   step is left out of both (it is the same work). Runs alternate; the medians are compared.
+2. Peak memory of per-token log-probs + entropy, forward and backward, above the logits already in
+   memory, divided by the logits' size; each method runs in a fresh subprocess (peak RSS, with glibc's
+   mmap threshold pinned so freed blocks go back to the OS). The logits come from a linear layer, as in the
+   model, so the gradient buffer of the logits is part of what is measured.
+
+Prints a table, then one line per figure: `<figure> ratio=<value> goal<op><threshold>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. step time
+# ----------------------------------------------------------------------------------------------------------
+def _config(args):
+    from megatron_sapo.config import Config
+
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.num_layers, m.num_attention_heads, m.vocab_size = args.hidden, args.layers, 8, args.vocab
+    m.num_experts, m.moe_topk, m.moe_ffn_hidden_size, m.ffn_hidden_size = 8, 2, args.hidden, 4 * args.hidden
+    m.max_seq_len = args.seq + 1
+    cfg.train.micro_batch_size = args.mbs
+    return cfg
+
+
+def _batch(args, engine):
+    g = torch.Generator().manual_seed(0)
+    n, s = args.seqs, args.seq + 1
+    tokens = torch.randint(1, args.vocab, (n, s), generator=g)
+    mask = torch.zeros(n, s - 1)
+    mask[:, s // 4 :] = 1.0  # a quarter prompt, the rest response: every position is computed
+    batch = {"tokens": tokens, "loss_mask": mask, "advantages": torch.randn(n, generator=g)}
+    batch["old_log_probs"] = engine.compute_log_probs(batch) + 0.05 * torch.randn(n, s - 1, generator=g) * mask
+    return batch
+
+
+def _ce_loss_func(mask, output_tensor):
+    # GPTModel(labels=...) returns megatron's per-token cross-entropy [b, s]
+    loss = (output_tensor.float() * mask).sum() / mask.sum()
+    return loss, {"loss": loss.detach()}
+
+
+def _ce_forward_step(data_iterator, model):
+    mb = next(data_iterator)
+    out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+    return out, functools.partial(_ce_loss_func, mb["loss_mask"])
+
+
+def _bare_forward_backward(engine, batch):
+    from megatron_sapo.megatron import loss_glue
+
+    length = engine._length(batch)
+    mbs = loss_glue.make_microbatches(batch, engine.cfg.train.micro_batch_size, length)
+    for m in engine.model:
+        m.zero_grad_buffer()
+    engine._run(_ce_forward_step, mbs, length, forward_only=False)
+
+
+def _timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_step(args) -> dict:
+    from megatron_sapo.megatron.engine import MegatronEngine
+
+    engine = MegatronEngine(_config(args))
+    batch = _batch(args, engine)
+    sides = {"sapo": lambda: engine.forward_backward(batch), "bare_ce": lambda: _bare_forward_backward(engine, batch)}
+    times = {name: [] for name in sides}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in sides.items():  # alternate, so drift hits both sides alike
+            t = _timed(fn)
+            if i >= args.warmup:
+                times[name].append(t)
+    engine.shutdown()
+    return {name: statistics.median(ts) for name, ts in times.items()} | {"all": times}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. log-prob peak memory (each method in its own process)
+# ----------------------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _logprob_method(name):
+    from megatron_sapo.megatron.logprobs import vocab_parallel_log_probs
+
+    def ours(logits, labels):
+        return vocab_parallel_log_probs(logits, labels, None, with_entropy=True, inplace_backward=True)
+
+    def naive(logits, labels):
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, labels[..., None]).squeeze(-1), entropy
+
+    return {"ours": ours, "naive_log_softmax": naive}[name]
+
+
+def memory_child(name: str, tokens: int, vocab: int, hidden: int) -> dict:
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    w = torch.randn(hidden, vocab, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    fn = _logprob_method(name)
+    logits = h @ w
+    base = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    logp, entropy = fn(logits, labels)
+    (logp.sum() + 0.1 * entropy.sum()).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra = max(peak - max(base, peak_before), 0)
+    return {"method": name, "extra_bytes": extra, "logits_bytes": logits.numel() * logits.element_size()}
+
+
+def bench_memory(args) -> list[dict]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    out = []
+    for name in ("ours", "naive_log_softmax"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--mem-tokens", str(args.mem_tokens),
+               "--vocab", str(args.mem_vocab), "--hidden", str(args.hidden)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=16384)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seqs", type=int, default=8)
+    p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--mem-tokens", type=int, default=2048)
+    p.add_argument("--mem-vocab", type=int, default=32768)
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.mem_tokens, args.mem_vocab, args.hidden)))
+        return
+
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor() or ''}"
+    machine += f", {os.cpu_count()} cores, torch {torch.__version__}"
+    memory = bench_memory(args)
+    step = bench_step(args)
+    print(f"machine: {machine}")
+    print(f"model: hidden {args.hidden}, layers {args.layers}, 8 experts top-2, vocab {args.vocab}; "
+          f"{args.seqs} sequences x {args.seq} tokens, micro-batch {args.mbs}")  # fmt: skip
+    print(f"{'step side':<12} {'median s':>9}  all runs (s)")
+    for name in ("sapo", "bare_ce"):
+        print(f"{name:<12} {step[name]:>9.4f}  {[round(t, 4) for t in step['all'][name]]}")
+    print(f"log-probs+entropy fwd+bwd, {args.mem_tokens} tokens x vocab {args.mem_vocab} (fp32 logits):")
+    for row in memory:
+        print(f"  {row['method']:<18} extra peak {row['extra_bytes'] / 2**20:8.1f} MiB = "
+              f"{row['extra_bytes'] / row['logits_bytes']:.3f} x logits ({row['logits_bytes'] / 2**20:.1f} MiB)")  # fmt: skip
+    ours = next(r for r in memory if r["method"] == "ours")
+    print(f"sapo_step_overhead ratio={step['sapo'] / step['bare_ce']:.3f} goal<=1.05")
+    print(f"logprob_peak_memory ratio={ours['extra_bytes'] / ours['logits_bytes']:.3f} goal<=1.25")
+
+
+if __name__ == "__main__":
+    main()

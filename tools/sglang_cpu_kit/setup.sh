@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Create (or verify) the SGLang CPU kit: a SEPARATE virtualenv holding sglang==0.5.23 for CPU-only machines,
+# for tests and laptops. The trainer never imports from it; it only runs `python -m sglang.launch_server`.
+#
+#   bash tools/sglang_cpu_kit/setup.sh            # -> .venv-sglang at the repository root
+#   SGLANG_KIT_VENV=/path/venv bash tools/sglang_cpu_kit/setup.sh
+#
+# Idempotent: a stamp file records the hash of this script, the requirements and the stand-ins; when they are
+# unchanged and the venv imports sglang, the script exits in seconds. Otherwise it rebuilds from scratch.
+# What goes in (see README.md here for the why of each piece):
+#   1. torch 2.13.0 CPU build (sglang pins the CUDA torch 2.14.1; its CPU engine runs on 2.13 CPU)
+#   2. sglang==0.5.23 --no-deps, triton 3.7 --no-deps, and the pure-Python import needs (requirements-cpu.txt)
+#   3. the stand-ins in standins/ copied into site-packages (sgl_kernel, torchvision import stub, the
+#      routed-experts unpinned-buffer fix loaded through a .pth file)
+set -euo pipefail
+KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$KIT/../.." && pwd)"
+VENV="${SGLANG_KIT_VENV:-$REPO/.venv-sglang}"
+PY="${SGLANG_KIT_PYTHON:-python3}"
+SGLANG_VERSION=0.5.23
+STAMP="$VENV/.kit-stamp"
+HASH=$(cat "$KIT/setup.sh" "$KIT/requirements-cpu.txt" $(find "$KIT/standins" -type f -name '*.py' -o -type f -name '*.pth' | sort) \
+       | sha256sum | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import sglang, sgl_kernel" 2>/dev/null; then
+  echo "sglang kit: $VENV is up to date ($HASH)"
+  exit 0
+fi
+
+T0=$(date +%s)
+echo "sglang kit: building $VENV from scratch (sglang==$SGLANG_VERSION, CPU)"
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --no-input)
+"${PIP[@]}" --upgrade pip
+
+# 1. CPU torch. The Linux wheels on PyPI are CUDA builds; use a local CPU wheel when pip's find-links has one,
+#    else the PyTorch CPU index.
+if ! "${PIP[@]}" --only-binary=:all: 'torch==2.13.0' \
+     || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)"; then
+  "${PIP[@]}" --force-reinstall --no-deps --index-url https://download.pytorch.org/whl/cpu 'torch==2.13.0'
+fi
+
+# 2. sglang without its CUDA-heavy dependency tree, then what its import graph needs. --no-deps on triton and
+#    sglang keeps pip from replacing the CPU torch with the CUDA one.
+"${PIP[@]}" --no-deps "sglang==$SGLANG_VERSION" 'triton==3.7.*'
+"${PIP[@]}" -r "$KIT/requirements-cpu.txt"
+
+# 3. stand-ins: copied (not linked) so the venv works wherever the repository moves afterwards
+SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp -r "$KIT/standins/sgl_kernel" "$KIT/standins/torchvision" "$SITE/"
+cp "$KIT/standins/sglang_cpu_fixes.py" "$KIT/standins/sglang_cpu_fixes.pth" "$SITE/"
+
+"$VENV/bin/python" - <<PYEOF
+import importlib.metadata as md
+import torch
+assert "+cpu" in torch.__version__, f"expected a CPU torch build, got {torch.__version__}"
+assert md.version("sglang") == "$SGLANG_VERSION", md.version("sglang")
+import sgl_kernel, sglang_cpu_fixes  # noqa: F401  the stand-ins
+print("torch", torch.__version__, "sglang", md.version("sglang"), "transformers", md.version("transformers"))
+PYEOF
+echo "$HASH" > "$STAMP"
+echo "sglang kit: installed in $(( $(date +%s) - T0 )) s; size $(du -sh "$VENV" | cut -f1)"
