@@ -8,6 +8,7 @@ Validation is integer arithmetic on the config alone, so it runs before any proc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -104,6 +105,17 @@ class SGLangConfig:
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 300.0
     max_concurrency: int = 64
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when torch sees a GPU, else cpu
+    host: str = "127.0.0.1"
+    base_gpu_id: int = 0  # server i uses GPUs base_gpu_id + i*tp ... + tp - 1
+    max_total_tokens: int = 0  # KV-cache tokens per server; 0 = 32768 on CPU, SGLang's default on GPU
+    return_routed_experts: bool = True  # MoE models: Sample.routed_experts [tokens, layers, topk]
+    retries: int = 2  # extra attempts of a failed request (unreachable / 5xx / timeout), with backoff
+    retry_backoff_s: float = 0.5  # first wait; doubles per attempt
+    max_restarts: int = 2  # restarts of launched servers that died, per engine
+    bucket_mb: float = 512.0  # weight-sync bucket size (tensor / distributed transports)
+    verify_sequences: int = 2  # after each sync: greedy sequences whose served log-probs are checked; 0 = off
+    verify_tol: float = 1e-3  # max |served - trainer| log-prob allowed by that check
 
 
 @dataclass
@@ -227,10 +239,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads 1e-3 as a string; it is a float to every user.
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}'{where}: expected a number, got {value!r}")
         return float(value)
@@ -391,6 +401,14 @@ def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
             dense_ranks % (p.ep * p.etp) == 0,
             "parallel.ep",
             f"tp*cp*dp={dense_ranks} must be divisible by ep*etp={p.ep * p.etp}",
+        )
+        # megatron-core 0.16.1 never sums expert gradients over TP when ep == 1 and etp < tp (measured:
+        # 0.8 relative gradient error at tp=2, etp=1, ep=1); refuse the layout rather than train wrongly.
+        _require(
+            p.ep > 1 or p.etp == p.tp,
+            "parallel.etp",
+            f"with parallel.ep=1 the experts must be split like the dense layers: set parallel.etp={p.tp} "
+            f"(got etp={p.etp} with tp={p.tp}), or use parallel.ep > 1",
         )
         _require(
             p.tp == 1 or p.sp,

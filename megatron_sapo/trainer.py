@@ -64,6 +64,14 @@ def build_rollout_engine(cfg: Config, tokenizer):
         from megatron_sapo.rollout.local import LocalEngine
 
         return LocalEngine(cfg.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if cfg.rollout.engine == "sglang":
+        from megatron_sapo.rollout.sglang_engine import SGLangEngine
+
+        return SGLangEngine(
+            cfg.rollout, cfg.model, work_dir=os.path.join(cfg.run.dir, "sglang"),
+            tokenizer_path=tokenizer.name_or_path, eos_token_id=tokenizer.eos_token_id,
+            model_path=cfg.model.hf_path, seed=cfg.train.seed,
+        )  # fmt: skip
     raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; use 'local'")
 
 

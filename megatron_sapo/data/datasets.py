@@ -32,9 +32,7 @@ def _read_jsonl(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})"
-                ) from None
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             row[WHERE_KEY] = f"{path}, line {lineno}"
@@ -85,9 +83,7 @@ def _check_prompt(value, where: str, key: str) -> None:
     raise DataError(f"{where}: field '{key}' must be a non-empty string or a list of chat messages")
 
 
-def validate_rows(
-    rows: list[dict], prompt_key: str = "prompt", default_task: str | None = None
-) -> list[dict]:
+def validate_rows(rows: list[dict], prompt_key: str = "prompt", default_task: str | None = None) -> list[dict]:
     """Check every row (see the module docstring); sets row["task"] from default_task where absent."""
     for row in rows:
         where = row.get(WHERE_KEY, "a prompt row")

@@ -52,9 +52,7 @@ def render_prompt(tokenizer, prompt, where: str = "prompt") -> tuple[str, bool]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text, True
     if not isinstance(prompt, str):
-        raise DataError(
-            f"{where}: the prompt is a list of chat messages but the tokenizer has no chat template"
-        )
+        raise DataError(f"{where}: the prompt is a list of chat messages but the tokenizer has no chat template")
     return prompt, False
 
 
@@ -129,9 +127,7 @@ class PromptSource:
         """Flat numbers for metrics: data/<i>/rows, data/<i>/dropped, data/<i>/epochs."""
         out: dict[str, float] = {}
         for i, (p, d, e) in enumerate(zip(self.prompts, self.dropped, self.sampler.epochs())):
-            out.update(
-                {f"data/{i}/rows": float(len(p)), f"data/{i}/dropped": float(d), f"data/{i}/epochs": e}
-            )
+            out.update({f"data/{i}/rows": float(len(p)), f"data/{i}/dropped": float(d), f"data/{i}/epochs": e})
         return out
 
 

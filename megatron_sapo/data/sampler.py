@@ -92,8 +92,6 @@ class MixtureSampler:
                 )
         theirs = state.get("weights", [])
         if len(theirs) != len(self.weights) or any(abs(a - b) > 1e-12 for a, b in zip(theirs, self.weights)):
-            raise ValueError(
-                f"sampler state mismatch: the checkpoint has weights={theirs}, this run {self.weights}"
-            )
+            raise ValueError(f"sampler state mismatch: the checkpoint has weights={theirs}, this run {self.weights}")
         self.draws = int(state["draws"])
         self.cursors = [[int(e), int(p)] for e, p in state["cursors"]]

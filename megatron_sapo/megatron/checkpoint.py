@@ -77,9 +77,7 @@ def _fit_distributed_optimizer_state(loaded: dict, optimizer):
     parts = [loaded] if len(subs) == 1 else [loaded[i] for i in range(len(subs))]
     fitted = []
     for sub, part in zip(subs, parts):
-        groups = [
-            {k: v for k, v in g.items() if k != "params"} | {"step": step} for g in sub.optimizer.param_groups
-        ]
+        groups = [{k: v for k, v in g.items() if k != "params"} | {"step": step} for g in sub.optimizer.param_groups]
         fitted.append(
             {
                 "param_state": part["param_state"],
@@ -96,9 +94,7 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
-def save_checkpoint(
-    path: str, chunks: list, optimizer=None, scheduler=None, extra: dict | None = None
-) -> None:
+def save_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None, extra: dict | None = None) -> None:
     """Write a dist checkpoint of this rank's shards (collective: every rank calls it)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing

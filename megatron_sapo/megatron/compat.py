@@ -152,9 +152,7 @@ def _patch_cuda_rng() -> None:
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     mrandom._get_cuda_rng_state = get_state
-    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
-        new_state
-    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
 # ----------------------------------------------------------------------------------------------------------

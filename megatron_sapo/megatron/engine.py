@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_sapo.config import Config
 from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, weights
+from megatron_sapo.megatron.logprobs import attach_log_prob_head
 from megatron_sapo.megatron.parallel import ParallelState, init_parallel
 
 
@@ -25,10 +26,9 @@ class MegatronEngine:
     def __init__(self, cfg: Config, parallel: ParallelState | None = None, total_steps: int | None = None):
         self.cfg = cfg
         self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
-        self.tcfg = model.build_transformer_config(
-            cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm
-        )
+        self.tcfg = model.build_transformer_config(cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm)
         chunks = model.build_model_chunks(cfg.model, self.tcfg, cfg.parallel)
+        self.head = attach_log_prob_head(chunks, self.par.tp_group)
         self.model = optimizer.wrap_ddp(chunks, self.tcfg, cfg.optim.distributed_optimizer)
         self.optimizer = optimizer.build_optimizer(cfg.optim, self.model, self.tcfg.params_dtype)
         steps = total_steps if total_steps is not None else cfg.train.steps * cfg.algo.minibatches
@@ -88,28 +88,36 @@ class MegatronEngine:
     # passes
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_log_probs(self, batch: dict) -> torch.Tensor:
-        """Forward only: log-probs [N, S-1] (float32, CPU) of tokens[:, 1:], on every rank. Positions after
-        the last loss token of the batch are 0."""
+    def compute_log_probs(self, batch: dict, with_entropy: bool = False):
+        """Forward only: log-probs [N, S-1] (float32, CPU) of tokens[:, 1:], on every rank; with
+        `with_entropy`, also the per-token entropy [N, S-1] of the policy: (log_probs, entropy). Positions
+        after the last loss token of the batch are 0."""
         n, seq = batch["tokens"].shape
         length = self._length(batch)
-        local = self._local(batch)
-        mbs = loss_glue.make_microbatches(local, self.cfg.train.micro_batch_size, length)
+        mbs = loss_glue.make_microbatches(self._local(batch), self.cfg.train.micro_batch_size, length)
         for m in self.model:
             m.eval()
-        outputs = self._run(
-            loss_glue.log_prob_forward_step(self.loss_spec, self.par.tp_group), mbs, length, True
-        )
+        step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy)
+        outputs = self._run(step, mbs, length, True)
         for m in self.model:
             m.train()
-        mine = torch.zeros(n // self.par.dp, length)
+        keys = ("log_probs", "entropy") if with_entropy else ("log_probs",)
+        results = tuple(self._gather_rows(outputs, key, n, seq, length) for key in keys)
+        return results if with_entropy else results[0]
+
+    def _gather_rows(self, outputs: list, key: str, n: int, seq: int, length: int) -> torch.Tensor:
+        """[N, S-1] on every rank from the last stage's micro-batch outputs of each DP rank."""
+        # Collectives on the backend's device (NCCL needs CUDA tensors); the result goes to the CPU.
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        mine = torch.zeros(n // self.par.dp, length, device=device)
         if self.par.is_last_stage:
-            mine = torch.cat([o["log_probs"].float().cpu() for o in outputs], dim=0)
+            mine = torch.cat([o[key].float() for o in outputs], dim=0).to(device)
         parts = [torch.empty_like(mine) for _ in range(self.par.dp)]
         dist.all_gather(parts, mine, group=self.par.dp_group)
         full = torch.cat(parts, dim=0)
         if self.cfg.parallel.pp > 1:
             dist.broadcast(full, src=self._last_stage_global_rank(), group=self.par.pp_group)
+        full = full.cpu()
         out = torch.zeros(n, seq - 1)
         width = min(length, seq - 1)
         out[:, :width] = full[:, :width]
@@ -125,9 +133,7 @@ class MegatronEngine:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        forward_step = loss_glue.policy_forward_step(
-            self.loss_spec, self.par.tp_group, denominators, len(mbs), self.par.dp
-        )
+        forward_step = loss_glue.policy_forward_step(self.loss_spec, self.head, denominators, len(mbs), self.par.dp)
         per_mb = self._run(forward_step, mbs, length, forward_only=False)
         metrics = loss_glue.reduce_metrics(
             per_mb,

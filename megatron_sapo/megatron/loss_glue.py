@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.megatron.logprobs import vocab_parallel_log_probs
-
 # How each metric of compute_policy_loss combines across micro-batches and ranks; any other name is taken
 # to be a mean over this batch's loss tokens and is token-weighted.
 _MAX_METRICS = ("ratio_max",)
@@ -45,7 +43,9 @@ class LossSpec:
     kl_type: str = "k3"
     entropy_coef: float = 0.0
     temperature: float = 1.0
-    entropy_metric: bool = True  # compute the entropy (also for logging) even with entropy_coef = 0
+    # Exact entropy in the training pass costs extra passes over the logits (forward and backward), so
+    # with entropy_coef = 0 it is off; compute_log_probs(..., with_entropy=True) gives it forward-only.
+    entropy_metric: bool = False
 
 
 def global_denominators(loss_mask: torch.Tensor) -> tuple[float, float]:
@@ -94,20 +94,12 @@ def _to_device(mb: dict) -> dict:
     return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
 
 
-def _policy_loss_func(mb, spec: LossSpec, tp_group, denominators, scale, output_tensor):
-    """loss_func of one micro-batch (last pipeline stage only). output_tensor: logits [b, s, v/tp]."""
+def _policy_loss_func(mb, spec: LossSpec, denominators, scale, output_tensor):
+    """loss_func of one micro-batch (last pipeline stage only). output_tensor: per-token log-probs [b, s]
+    (or [b, s, 2] with the entropy) from the LogProbHead."""
     from megatron_sapo.algo import compute_policy_loss
 
-    need_entropy = spec.entropy_coef > 0 or spec.entropy_metric
-    # The logits are this function's private input: their storage can take the gradient.
-    log_probs, entropy = vocab_parallel_log_probs(
-        output_tensor,
-        mb["labels"],
-        tp_group,
-        temperature=spec.temperature,
-        with_entropy=need_entropy,
-        inplace_backward=True,
-    )
+    log_probs, entropy = _split(output_tensor)
     mask = mb["loss_mask"]
     num_sequences, num_tokens = denominators
     loss, metrics = compute_policy_loss(
@@ -130,19 +122,29 @@ def _policy_loss_func(mb, spec: LossSpec, tp_group, denominators, scale, output_
     return loss * scale, _metric_sums(loss, metrics, log_probs, mb["old_log_probs"], mask)
 
 
+def _split(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if output_tensor.dim() == 3:
+        return output_tensor[..., 0], output_tensor[..., 1]
+    return output_tensor, None
+
+
 def _metric_sums(loss, metrics, log_probs, old_log_probs, mask) -> dict:
     """Additive (or max/min) statistics of this micro-batch, to be combined by reduce_metrics."""
     n_tokens = mask.sum()
-    with torch.no_grad():
-        ratio = torch.exp((log_probs.detach() - old_log_probs).clamp(-20, 20)) * mask
-        sums = {
-            "loss": ("sum", loss.detach()),
-            "n_tokens": ("sum", n_tokens),
-            "ratio_sum": ("sum", ratio.sum()),
-            "ratio_sq_sum": ("sum", (ratio * ratio).sum()),
-        }
+    sums = {"loss": ("sum", loss.detach()), "n_tokens": ("sum", n_tokens)}
+    if "ratio_mean" in metrics and "ratio_std" in metrics:
+        # sum r = n mean, sum r^2 = n (std^2 + mean^2): the micro-batch moments, combined exactly later
+        mean, std = metrics["ratio_mean"].detach(), metrics["ratio_std"].detach()
+        sums["ratio_sum"], sums["ratio_sq_sum"] = (
+            ("sum", mean * n_tokens),
+            ("sum", (std * std + mean * mean) * n_tokens),
+        )
+    else:
+        with torch.no_grad():
+            ratio = torch.exp((log_probs.detach() - old_log_probs).clamp(-20, 20)) * mask
+            sums["ratio_sum"], sums["ratio_sq_sum"] = ("sum", ratio.sum()), ("sum", (ratio * ratio).sum())
     for name, value in metrics.items():
-        if name in _RECOMPUTED:
+        if name in _RECOMPUTED or name == "ratio_mean":
             continue
         if name in _MAX_METRICS:
             sums[name] = ("max", value.detach())
@@ -153,38 +155,36 @@ def _metric_sums(loss, metrics, log_probs, old_log_probs, mask) -> dict:
     return sums
 
 
-def _log_prob_loss_func(mb, spec: LossSpec, tp_group, output_tensor):
+def _log_prob_loss_func(mb, output_tensor):
     """loss_func of the forward-only log-prob pass: no loss, the log-probs (and entropy) as data."""
-    log_probs, entropy = vocab_parallel_log_probs(
-        output_tensor, mb["labels"], tp_group, temperature=spec.temperature, with_entropy=False
-    )
-    return log_probs.new_zeros(()), {"log_probs": log_probs}
+    log_probs, entropy = _split(output_tensor)
+    data = {"log_probs": log_probs} | ({"entropy": entropy} if entropy is not None else {})
+    return log_probs.new_zeros(()), data
 
 
 def _forward_step(loss_func, data_iterator, model):
     mb = _to_device(next(data_iterator))
     # attention_mask None: the layer spec's causal mask; right padding sits after every loss token.
-    output = model(mb["tokens"], mb["position_ids"], None)
+    # labels: the last stage returns log-probs through the LogProbHead (see logprobs.py).
+    output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
     return output, functools.partial(loss_func, mb)
 
 
-def policy_forward_step(spec: LossSpec, tp_group, denominators, num_microbatches: int, dp_size: int):
+def policy_forward_step(spec: LossSpec, head, denominators, num_microbatches: int, dp_size: int):
     """forward_step_func for training; see the module docstring for the scale."""
-    scale = num_microbatches * dp_size
+    head.temperature, head.with_entropy = spec.temperature, spec.entropy_coef > 0 or spec.entropy_metric
     loss_func = functools.partial(
-        _policy_loss_func, spec=spec, tp_group=tp_group, denominators=denominators, scale=scale
+        _policy_loss_func, spec=spec, denominators=denominators, scale=num_microbatches * dp_size
     )
     return functools.partial(_forward_step, lambda mb, out: loss_func(mb, output_tensor=out))
 
 
-def log_prob_forward_step(spec: LossSpec, tp_group):
-    loss_func = functools.partial(_log_prob_loss_func, spec=spec, tp_group=tp_group)
-    return functools.partial(_forward_step, lambda mb, out: loss_func(mb, output_tensor=out))
+def log_prob_forward_step(spec: LossSpec, head, with_entropy: bool = False):
+    head.temperature, head.with_entropy = spec.temperature, with_entropy
+    return functools.partial(_forward_step, _log_prob_loss_func)
 
 
-def reduce_metrics(
-    per_microbatch: list[dict], dp_group, pp_group, last_stage_rank: int, is_last: bool
-) -> dict:
+def reduce_metrics(per_microbatch: list[dict], dp_group, pp_group, last_stage_rank: int, is_last: bool) -> dict:
     """Combine the micro-batch statistics over micro-batches and DP ranks, then hand them from the last
     pipeline stage to every rank. Returns plain floats."""
     result = None
@@ -201,17 +201,21 @@ def reduce_metrics(
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         for name in sorted(combined):  # same order on every DP rank
             op, value = combined[name]
-            if dist.get_world_size(dp_group) > 1:
+            if _size(dp_group) > 1:
                 dist.all_reduce(value, op=ops[op], group=dp_group)
         result = _finish(
             {name: float(v) for name, (op, v) in combined.items()},
             {name: op for name, (op, v) in combined.items()},
         )
-    if dist.get_world_size(pp_group) > 1:
+    if _size(pp_group) > 1:
         box = [result]
         dist.broadcast_object_list(box, src=last_stage_rank, group=pp_group)
         result = box[0]
     return result
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 def _finish(sums: dict, ops: dict) -> dict:

@@ -46,9 +46,7 @@ def check_moe_layout(mcfg: ModelConfig, pcfg: ParallelConfig) -> None:
         )
 
 
-def build_transformer_config(
-    mcfg: ModelConfig, pcfg: ParallelConfig, *, batch_p2p_comm: bool = True, **extra
-):
+def build_transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, batch_p2p_comm: bool = True, **extra):
     """megatron TransformerConfig for this model and layout. `extra` overrides any field (tests, replay)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 

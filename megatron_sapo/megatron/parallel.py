@@ -121,8 +121,7 @@ def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
     world = dist.get_world_size()
     if world != pcfg.world_size:
         raise RuntimeError(
-            f"world size {world} != parallel.tp*pp*cp*dp = {pcfg.tp}*{pcfg.pp}*{pcfg.cp}*{pcfg.dp} = "
-            f"{pcfg.world_size}"
+            f"world size {world} != parallel.tp*pp*cp*dp = {pcfg.tp}*{pcfg.pp}*{pcfg.cp}*{pcfg.dp} = {pcfg.world_size}"
         )
     backend = backend_name()
     if backend == "gloo":

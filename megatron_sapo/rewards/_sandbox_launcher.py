@@ -44,9 +44,7 @@ def _check(ret: int, what: str) -> None:
 
 def _mount(src, target, fstype, flags, data=None):
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
-    _check(
-        _libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}"
-    )
+    _check(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
 
 
 def _bind_ro(src: str, dst: str) -> None:

@@ -55,18 +55,14 @@ def run_tests(program: str, tests: list, limits: SandboxLimits) -> list[bool]:
     passed: list[bool] = []
     for i, test in enumerate(tests):
         if not isinstance(test, dict) or "input" not in test or "output" not in test:
-            raise RewardError(
-                f"code: sample['tests'][{i}] must be {{'input': ..., 'output': ...}}, got {test!r:.200}"
-            )
+            raise RewardError(f"code: sample['tests'][{i}] must be {{'input': ..., 'output': ...}}, got {test!r:.200}")
         if passed and any(r is None for r in passed):
             passed.append(None)
             continue
         result = run_python(program, stdin=str(test["input"]), limits=limits)
         if result.setup_error:
             raise RewardError(f"code: the sandbox could not run the program: {result.setup_error}")
-        passed.append(
-            None if result.timed_out else (result.ok and outputs_match(result.stdout, test["output"]))
-        )
+        passed.append(None if result.timed_out else (result.ok and outputs_match(result.stdout, test["output"])))
     return [bool(p) for p in passed]
 
 
@@ -74,9 +70,7 @@ def run_tests(program: str, tests: list, limits: SandboxLimits) -> list[bool]:
 def code_reward(completion: str, sample: dict) -> float:
     tests = sample["tests"]
     if not isinstance(tests, list) or not tests:
-        raise RewardError(
-            f"code: sample['tests'] must be a non-empty list of {{input, output}}, got {tests!r:.200}"
-        )
+        raise RewardError(f"code: sample['tests'] must be a non-empty list of {{input, output}}, got {tests!r:.200}")
     program = extract_program(completion)
     if program is None:
         return 0.0

@@ -71,8 +71,7 @@ def score_batch(
     pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward")
     try:
         futures = {
-            pool.submit(compute_reward, t, c, s): i
-            for i, (t, c, s) in enumerate(zip(tasks, completions, samples))
+            pool.submit(compute_reward, t, c, s): i for i, (t, c, s) in enumerate(zip(tasks, completions, samples))
         }
         done, pending = wait(futures, timeout=timeout_s)
         for fut in pending:
@@ -94,8 +93,6 @@ def score_batch(
     for i in result.failed:
         log.warning("reward failed (task %r, item %d): %s", tasks[i], i, result.errors[i])
     if result.nan:
-        log.warning(
-            "reward is NaN for %d item(s) (tasks %s)", len(result.nan), sorted({tasks[i] for i in result.nan})
-        )
+        log.warning("reward is NaN for %d item(s) (tasks %s)", len(result.nan), sorted({tasks[i] for i in result.nan}))
     result.seconds = time.perf_counter() - start
     return result

@@ -34,9 +34,7 @@ class RewardRegistry:
     ) -> Callable[[RewardFn], RewardFn]:
         def deco(fn: RewardFn) -> RewardFn:
             if name in self._specs and self._specs[name].fn is not fn:
-                raise ValueError(
-                    f"reward task {name!r} is already registered (by {self._specs[name].fn.__module__})"
-                )
+                raise ValueError(f"reward task {name!r} is already registered (by {self._specs[name].fn.__module__})")
             self._specs[name] = RewardSpec(name, fn, tuple(required_fields), description)
             return fn
 
@@ -46,9 +44,7 @@ class RewardRegistry:
         try:
             return self._specs[name]
         except KeyError:
-            raise RewardError(
-                f"unknown reward task {name!r}; valid tasks: {', '.join(self.names())}"
-            ) from None
+            raise RewardError(f"unknown reward task {name!r}; valid tasks: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -72,9 +68,7 @@ def compute_reward(task: str, completion: str, sample: dict) -> float:
     spec = REWARDS.get(task)
     missing = missing_fields(task, sample)
     if missing:
-        raise RewardError(
-            f"reward task {task!r} needs field(s) {missing} in the sample; it has {sorted(sample)}"
-        )
+        raise RewardError(f"reward task {task!r} needs field(s) {missing} in the sample; it has {sorted(sample)}")
     value = spec.fn(completion, sample)
     if isinstance(value, bool):
         return float(value)

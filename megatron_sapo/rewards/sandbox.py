@@ -130,9 +130,7 @@ def _interpreter(namespaces: bool) -> tuple[str, list[str]]:
         found = [p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if _world_executable(p)]
         if found:
             python = os.path.realpath(found[0])
-    prefix = (
-        os.path.realpath(sys.base_prefix) if python.startswith(os.path.realpath(sys.base_prefix)) else None
-    )
+    prefix = os.path.realpath(sys.base_prefix) if python.startswith(os.path.realpath(sys.base_prefix)) else None
     paths = {os.path.dirname(python)} | ({prefix} if prefix else set())
     return python, sorted(paths)
 
@@ -169,9 +167,7 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) 
             "uid": uid,
             "gid": uid,
             "namespaces": limits.namespaces,
-            **{
-                k: getattr(limits, k) for k in ("cpu_s", "wall_s", "memory_mb", "nproc", "file_mb", "disk_mb")
-            },
+            **{k: getattr(limits, k) for k in ("cpu_s", "wall_s", "memory_mb", "nproc", "file_mb", "disk_mb")},
         }
         paths = {name: os.path.join(host, name) for name in ("stdin", "stdout", "stderr")}
         with open(paths["stdin"], "w", encoding="utf-8") as f:

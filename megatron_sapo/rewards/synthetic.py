@@ -40,6 +40,6 @@ def _synthetic(completion: str, sample: dict) -> float:
 
 
 for _task in ("copy", "reverse", "add"):
-    register_reward(
-        _task, required_fields=("answer",), description=f"synthetic '{_task}' task, shaped match"
-    )(_synthetic)
+    register_reward(_task, required_fields=("answer",), description=f"synthetic '{_task}' task, shaped match")(
+        _synthetic
+    )

@@ -120,9 +120,7 @@ def _grid(obj, what: str) -> dict[str, dict[str, str]]:
         return out
     if isinstance(obj, dict) and all(isinstance(v, dict) for v in obj.values()):
         return {_norm(k): {_norm(a): _norm(v) for a, v in row.items()} for k, row in obj.items()}
-    raise RewardError(
-        f"logic: {what} is neither {{'header', 'rows'}} nor {{row: {{attribute: value}}}}: {obj!r:.200}"
-    )
+    raise RewardError(f"logic: {what} is neither {{'header', 'rows'}} nor {{row: {{attribute: value}}}}: {obj!r:.200}")
 
 
 def _last_json_object(text: str):
@@ -163,7 +161,5 @@ def logic_reward(completion: str, sample: dict) -> float:
         pred = _grid(obj, "the completion's answer") if obj is not None else {}
     except RewardError:
         return 0.0  # a malformed answer is the model's fault: wrong, not a failure
-    right = sum(
-        pred.get(key, {}).get(attr) == value for key, row in gold.items() for attr, value in row.items()
-    )
+    right = sum(pred.get(key, {}).get(attr) == value for key, row in gold.items() for attr, value in row.items())
     return right / cells

@@ -117,10 +117,20 @@ class SGLangClient:
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
             conn = self._connection(url, timeout)
-            conn.request(method, path, body=payload, headers=headers)
-            resp = conn.getresponse()
+            try:
+                reused = conn.sock is not None
+                conn.request(method, path, body=payload, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                # a kept-alive connection the server closed (idle timeout, or a restarted server): reconnect once
+                self._drop(url)
+                conn = self._connection(url, timeout)
+                conn.request(method, path, body=payload, headers=headers)
+                resp = conn.getresponse()
             data = resp.read()
-        except (ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException, OSError) as e:
+        except (ConnectionError, TimeoutError, http.client.HTTPException, OSError) as e:
             self._drop(url)
             kind = "timed out" if isinstance(e, (socket.timeout, TimeoutError)) else "failed"
             raise SGLangUnreachable(f"SGLang server {where} {kind}: {type(e).__name__}: {e}") from None

@@ -12,6 +12,7 @@ PID is recorded beside the log. On CPU the server needs SGLANG_USE_CPU_ENGINE=1 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -37,6 +38,7 @@ def log_tail(path: str, lines: int = 40) -> str:
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError:
@@ -183,20 +185,14 @@ class ServerProcess:
         pgid = self.proc.pid  # start_new_session=True: the server leads its own group
         if self.proc.poll() is None:
             _signal_group(pgid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         _signal_group(pgid, signal.SIGKILL)  # children (scheduler, detokenizer) that outlived the parent
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
         self.proc = None
-        try:
+        with contextlib.suppress(OSError):
             os.remove(self.log_path + ".pid")
-        except OSError:
-            pass
 
     def restart(self, timeout_s: float, model_path: str | None = None, weight_version: str | None = None) -> float:
         self.stop()
@@ -210,7 +206,5 @@ class ServerProcess:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -17,6 +17,7 @@ Tensors are sent in buckets of about `bucket_mb` MB; the version is set with the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -271,15 +272,11 @@ class DistributedSync:
         if self.group is None:
             return
         for url in self.group_urls:
-            try:
+            with contextlib.suppress(SGLangError):  # the server may be gone (restart); its group died with it
                 self.client.post(url, "/destroy_weights_update_group", {"group_name": self.group_name}, retries=0,
                                  timeout=30)  # fmt: skip
-            except SGLangError:
-                pass  # the server may be gone (restart); its group died with it
-        try:
+        with contextlib.suppress(Exception):  # best effort: a half-dead group cannot always be destroyed
             torch.distributed.destroy_process_group(self.group)
-        except Exception:  # noqa: BLE001  best effort: a half-dead group cannot always be destroyed
-            pass
         self.group, self.group_urls = None, []
 
 

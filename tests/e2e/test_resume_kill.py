@@ -1,13 +1,13 @@
 """SIGKILL at any moment (mid-rollout, mid-update, mid-checkpoint write, or a random time) and resume: the
 per-step metrics equal an uninterrupted run's, bitwise on CPU, and a half-written checkpoint is never loaded."""
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,12 +24,35 @@ def _cmd(run_dir):
     ]  # fmt: skip
 
 
-def _run(run_dir, kill_at=None):
+class _Result:
+    def __init__(self, returncode, stdout):
+        self.returncode, self.stdout = returncode, stdout
+
+
+def _run(run_dir, kill_at=None, kill_after_s=None):
+    """Run training in its own process group. Like a job scheduler, once the trainer is dead the whole group is
+    killed: megatron's checkpoint writer leaves a multiprocessing manager process that outlives a SIGKILLed
+    parent."""
     env = dict(os.environ)
     env.pop("MEGATRON_SAPO_KILL_AT", None)
     if kill_at:
         env["MEGATRON_SAPO_KILL_AT"] = kill_at
-    return subprocess.run(_cmd(run_dir), env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    log = os.path.join(os.path.dirname(run_dir), "train.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_cmd(run_dir), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            if kill_after_s is not None:
+                try:
+                    proc.wait(timeout=kill_after_s)
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+            returncode = proc.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    with open(log) as f:
+        return _Result(returncode, f.read())
 
 
 def _metrics(run_dir):
@@ -46,7 +69,7 @@ def test_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_path):
 
     for kill_at, resumes_after in (("rollout@2", None), ("update@3", 1), ("checkpoint@4", 2)):
         proc = _run(killed, kill_at)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:]
         if resumes_after is not None:
             assert f"step_{resumes_after} (step {resumes_after})" in proc.stdout
     # the checkpoint@4 kill left step_4 written but unmarked: it must not be loaded
@@ -55,14 +78,11 @@ def test_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_path):
 
     # an external SIGKILL at a random moment of the next attempt
     delay = random.Random().uniform(2.0, 12.0)
-    proc = subprocess.Popen(_cmd(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    out = proc.communicate()[0]
+    out = _run(killed, kill_after_s=delay).stdout
     assert "step_4 (step 4)" not in out, f"loaded the half-written checkpoint (kill after {delay:.1f} s)"
 
     final = _run(killed)
-    assert final.returncode == 0, final.stderr[-2000:]
+    assert final.returncode == 0, final.stdout[-2000:]
     got = _metrics(killed)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for want, have in zip(expected, got):

@@ -14,7 +14,9 @@ def _write(tmp_path, text, name="cfg.yaml"):
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = load_config(None, ["algo.tau_neg=1.1", "parallel.tp=2", "parallel.sp=true", "rollout.sglang.urls=[a, b]"])
+    cfg = load_config(
+        None, ["algo.tau_neg=1.1", "parallel.tp=2", "parallel.etp=2", "parallel.sp=true", "rollout.sglang.urls=[a, b]"]
+    )
     out = tmp_path / "resolved.yaml"
     save_config(cfg, str(out))
     again = load_config(str(out))
@@ -70,6 +72,7 @@ def test_malformed_yaml_and_missing_file(tmp_path):
 # (overrides, key the message must name, a phrase of the rule)
 BAD = [
     (["parallel.tp=3"], "parallel.tp", "num_attention_heads=4 must be divisible by tp=3"),
+    (["parallel.tp=2", "parallel.sp=true"], "parallel.etp", "set parallel.etp=2"),
     (["model.num_query_groups=2", "parallel.tp=4", "parallel.sp=true"], "parallel.tp", "num_query_groups=2"),
     (["model.vocab_size=510", "parallel.tp=4", "parallel.sp=true"], "parallel.tp", "vocab_size=510"),
     (["parallel.pp=3"], "parallel.pp", "num_layers=2 must be divisible by pp*vpp=3"),
@@ -77,7 +80,7 @@ BAD = [
     (["parallel.vpp=2"], "parallel.vpp", "needs pp > 1"),
     (["parallel.ep=3", "parallel.dp=3", "rollout.n=3"], "parallel.ep", "num_experts=4 must be divisible by ep=3"),
     (["parallel.ep=2"], "parallel.ep", "tp*cp*dp=1 must be divisible by ep*etp=2"),
-    (["parallel.tp=2"], "parallel.sp", "need sequence parallel"),
+    (["parallel.tp=2", "parallel.etp=2"], "parallel.sp", "need sequence parallel"),
     (["parallel.sp=true"], "parallel.sp", "needs tp > 1"),
     (["model.num_experts=0", "parallel.ep=2", "parallel.dp=2"], "parallel.ep", "needs an MoE model"),
     (["parallel.dp=0"], "parallel.dp", "must be >= 1"),
@@ -131,7 +134,7 @@ def test_every_validation_rule_names_its_key(overrides, key, rule):
 def test_defaults_and_good_layouts_validate():
     validate(Config())
     for good in (
-        ["parallel.tp=2", "parallel.sp=true"],
+        ["parallel.tp=2", "parallel.sp=true", "parallel.etp=2"],
         ["parallel.ep=2", "parallel.dp=2"],
         ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.ep=2"],
         ["model.num_layers=4", "parallel.pp=2", "parallel.vpp=2"],

@@ -50,9 +50,7 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 
 def test_missing_fields_name_file_line_and_field(tmp_path):
     rows = [ROW, json.dumps({"prompt": "copy:3=", "task": "copy"})]
-    with pytest.raises(
-        DataError, match=r"m\.jsonl, line 2: missing field 'answer' \(needed by task 'copy'\)"
-    ):
+    with pytest.raises(DataError, match=r"m\.jsonl, line 2: missing field 'answer' \(needed by task 'copy'\)"):
         load_prompt_file(_jsonl(tmp_path / "m.jsonl", rows))
     rows = [json.dumps({"question": "x", "answer": "1", "task": "math"})]
     with pytest.raises(DataError, match=r"q\.jsonl, line 1: missing field 'prompt'"):
@@ -87,9 +85,7 @@ def test_parquet_rows_and_errors(tmp_path):
     rows = load_prompt_file(str(good))
     assert len(rows) == 3 and rows[2]["answer"] == "12" and rows[2]["_line"].endswith("row 3")
     bad = tmp_path / "bad.parquet"
-    pq.write_table(
-        pa.Table.from_pylist([{"prompt": "p", "answer": "1", "task": "math"}, {"prompt": "p"}]), bad
-    )
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "answer": "1", "task": "math"}, {"prompt": "p"}]), bad)
     with pytest.raises(DataError, match=r"bad\.parquet, row 2: missing field 'task'"):
         load_prompt_file(str(bad))
     (tmp_path / "junk.parquet").write_text("not parquet")
@@ -105,9 +101,7 @@ def test_long_prompts_dropped_and_counted_never_truncated(tmp_path, tok, caplog)
         src = build_prompt_source([path], tok, max_prompt_len=16, seed=0)
     assert src.dropped == [1] and len(src.prompts[0]) == 2
     assert "dropped 1 of 3 prompts longer than max_prompt_len=16" in caplog.text and "line 2" in caplog.text
-    assert all(
-        p.text == "copy:12=" and p.ids == [BOS_ID] + tok.encode("copy:12=").ids[1:] for p in src.prompts[0]
-    )
+    assert all(p.text == "copy:12=" and p.ids == [BOS_ID] + tok.encode("copy:12=").ids[1:] for p in src.prompts[0])
     assert src.stats()["data/0/dropped"] == 1.0
     with pytest.raises(DataError, match=r"all 3 prompts are longer than max_prompt_len=4 .*line \d"):
         build_prompt_source([path], tok, max_prompt_len=4, seed=0)

@@ -58,6 +58,18 @@ def test_compute_log_probs_matches_plain_forward(engine):
     assert torch.all(lp[:, last:] == 0)  # beyond the last loss token: not computed
 
 
+def test_entropy_from_the_forward_only_pass(engine):
+    batch = _batch(seed=3)
+    lp, entropy = engine.compute_log_probs(batch, with_entropy=True)
+    tokens = batch["tokens"][:, :-1]
+    with torch.no_grad():
+        logits = engine.model[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
+    ref = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    mask = batch["loss_mask"] > 0
+    torch.testing.assert_close(entropy[mask], ref[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp, engine.compute_log_probs(batch))
+
+
 def test_temperature_divides_logits(engine):
     batch = _batch(seed=1)
     engine.loss_spec.temperature = 0.5
@@ -75,7 +87,7 @@ def test_train_minibatch_reports_metrics_and_moves_loss(engine):
     batch["old_log_probs"] = engine.compute_log_probs(batch)
     batch["rollout_log_probs"] = batch["old_log_probs"] + 0.01 * batch["loss_mask"]
     first = engine.train_minibatch(batch)
-    for key in ("loss", "grad_norm", "lr", "ratio_mean", "ratio_std", "gate_mean", "entropy", "kl_rollout_k3"):
+    for key in ("loss", "grad_norm", "lr", "ratio_mean", "ratio_std", "gate_mean", "kl_rollout_k3"):
         assert math.isfinite(first[key]), key
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # on-policy first step
     assert first["n_tokens"] == float(batch["loss_mask"].sum())

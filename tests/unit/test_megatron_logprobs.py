@@ -55,14 +55,26 @@ def _ours(logits_shard, labels, temperature, w_lp, w_ent, group, inplace, num_ch
 @pytest.mark.parametrize("inplace", [False, True])
 def test_matches_log_softmax_tp1(temperature, inplace):
     logits, labels, w_lp, w_ent = _inputs()
-    ref_lp, ref_ent, ref_grad = _reference(
-        logits.clone().requires_grad_(True), labels, temperature, w_lp, w_ent
-    )
+    ref_lp, ref_ent, ref_grad = _reference(logits.clone().requires_grad_(True), labels, temperature, w_lp, w_ent)
     lp, ent, grad = _ours(logits, labels, temperature, w_lp, w_ent, None, inplace)
     # float32 math inside: compare at float32 tolerance
     torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_as_metric_only(temperature):
+    """Entropy computed but not differentiated (the fast in-place backward path at temperature 1)."""
+    logits, labels, w_lp, _ = _inputs(3)
+    _, ref_ent, ref_grad = _reference(logits.clone().requires_grad_(True), labels, temperature, w_lp, 0.0 * w_lp)
+    leaf = logits.float().requires_grad_(True)  # float32: the dtype of the fast path
+    logp, ent = vocab_parallel_log_probs(
+        leaf * 1.0, labels, None, temperature=temperature, with_entropy=True, num_chunks=2, inplace_backward=True
+    )
+    (logp * w_lp.float()).sum().backward()
+    torch.testing.assert_close(ent.detach().double(), ref_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_only_and_no_entropy():
@@ -88,9 +100,7 @@ def _worker(rank, port, out):
     shard = logits.chunk(2, dim=-1)[rank].contiguous()
     results = {}
     for temperature, inplace in [(1.0, False), (0.7, True)]:
-        results[(temperature, inplace)] = _ours(
-            shard, labels, temperature, w_lp, w_ent, dist.group.WORLD, inplace
-        )
+        results[(temperature, inplace)] = _ours(shard, labels, temperature, w_lp, w_ent, dist.group.WORLD, inplace)
     out[rank] = results
     dist.destroy_process_group()
 
@@ -109,9 +119,7 @@ def test_matches_log_softmax_tp2():
         out = dict(out)
     logits, labels, w_lp, w_ent = _inputs(2, v=40)
     for (temperature, inplace), _ in out[0].items():
-        ref_lp, ref_ent, ref_grad = _reference(
-            logits.clone().requires_grad_(True), labels, temperature, w_lp, w_ent
-        )
+        ref_lp, ref_ent, ref_grad = _reference(logits.clone().requires_grad_(True), labels, temperature, w_lp, w_ent)
         grads = []
         for rank in (0, 1):
             lp, ent, grad = out[rank][(temperature, inplace)]

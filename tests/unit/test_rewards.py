@@ -123,10 +123,7 @@ def test_logic_cell_accuracy_both_formats():
         '"House 2": {"Name": "Bob", "Pet": "dog"}}}\n```'
     )
     assert compute_reward("logic", full, {"solution": GRID}) == 1.0
-    half = (
-        'Thus {"solution": {"House 1": {"Name": "Bob", "Pet": "cat"}, '
-        '"House 2": {"Name": "Alice", "Pet": "dog"}}}'
-    )
+    half = 'Thus {"solution": {"House 1": {"Name": "Bob", "Pet": "cat"}, "House 2": {"Name": "Alice", "Pet": "dog"}}}'
     assert compute_reward("logic", half, {"solution": GRID}) == 0.5
     as_dict = {"House 1": {"Name": "Alice", "Pet": "cat"}, "House 2": {"Name": "Bob", "Pet": "dog"}}
     assert compute_reward("logic", half, {"answer": as_dict}) == 0.5
@@ -157,9 +154,7 @@ def test_extract_program_takes_the_last_python_block():
 
 def test_code_reward_fraction_of_tests():
     assert compute_reward("code", _code("n = int(input())\nprint(n * n)"), {"tests": TESTS}) == 1.0
-    partial = compute_reward(
-        "code", _code("n = int(input())\nprint(n * n if n > 0 else 0)"), {"tests": TESTS}
-    )
+    partial = compute_reward("code", _code("n = int(input())\nprint(n * n if n > 0 else 0)"), {"tests": TESTS})
     assert partial == pytest.approx(2 / 3)
     assert compute_reward("code", _code("print(4)"), {"tests": TESTS}) == pytest.approx(1 / 3)
     assert compute_reward("code", _code("def f(:\n  pass"), {"tests": TESTS}) == 0.0  # syntax error

@@ -89,9 +89,7 @@ def test_no_network_even_to_localhost():
     server.settimeout(0.2)
     port = server.getsockname()[1]
     try:
-        prog = (
-            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')"
-        )
+        prog = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')"
         res = run_python(prog, limits=FAST)
         assert not res.ok and "connected" not in res.stdout
         with pytest.raises(socket.timeout):
@@ -137,10 +135,7 @@ def test_infinite_loop_hits_cpu_limit():
     assert time.monotonic() - start < FAST.wall_s + 3
     tests = [{"input": "", "output": ""}] * 3
     t0 = time.monotonic()
-    assert (
-        compute_reward("code", _as_code("while True:\n    pass"), {"tests": tests, "time_limit_s": 0.5})
-        == 0.0
-    )
+    assert compute_reward("code", _as_code("while True:\n    pass"), {"tests": tests, "time_limit_s": 0.5}) == 0.0
     assert time.monotonic() - t0 < 3  # after the first timeout the other tests are not run
 
 
@@ -175,9 +170,7 @@ def test_fallback_without_namespaces_still_limits():
     mem = run_python("x = bytearray(10 * 1024**3)", limits=limits)
     assert not mem.ok and "MemoryError" in mem.stderr
     if os.geteuid() == 0:
-        escape = (
-            "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\nprint('parent done')"
-        )
+        escape = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\nprint('parent done')"
         assert run_python(escape, limits=limits).ok
         assert _sandbox_procs() == []  # the setsid'd child was killed with the rest of its uid
 

@@ -31,20 +31,28 @@ T0=$(date +%s)
 echo "sglang kit: building $VENV from scratch (sglang==$SGLANG_VERSION, CPU)"
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --quiet --no-input)
-"${PIP[@]}" --upgrade pip
+# pip's notices that are expected here: unusable extra-index folders of some machines' pip config, and the
+# dependency-conflict report about sglang's CUDA pins (we install it with --no-deps on purpose)
+NOISE="^WARNING: Location 'file:|^ERROR: pip's dependency resolver|^sglang $SGLANG_VERSION requires"
+pip_install() {
+  "$VENV/bin/python" -m pip install --quiet --no-input "$@" 2>&1 | { grep -v -E "$NOISE" || true; }
+  return "${PIPESTATUS[0]}"
+}
+pip_install --upgrade pip
 
-# 1. CPU torch. The Linux wheels on PyPI are CUDA builds; use a local CPU wheel when pip's find-links has one,
-#    else the PyTorch CPU index.
-if ! "${PIP[@]}" --only-binary=:all: 'torch==2.13.0' \
-     || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)"; then
-  "${PIP[@]}" --force-reinstall --no-deps --index-url https://download.pytorch.org/whl/cpu 'torch==2.13.0'
+# 1. CPU torch. PyPI's Linux torch wheels are CUDA builds (several GB with their nvidia-* dependencies): take a
+#    local CPU wheel when pip's find-links has one (--no-index), else the PyTorch CPU index.
+if pip_install --no-index --no-deps 'torch==2.13.0+cpu' >/dev/null; then
+  pip_install 'torch==2.13.0+cpu'  # then its pure-Python dependencies from the index
+else
+  echo "sglang kit: no local torch 2.13.0+cpu wheel; using the PyTorch CPU index"
+  pip_install --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple 'torch==2.13.0+cpu'
 fi
 
 # 2. sglang without its CUDA-heavy dependency tree, then what its import graph needs. --no-deps on triton and
 #    sglang keeps pip from replacing the CPU torch with the CUDA one.
-"${PIP[@]}" --no-deps "sglang==$SGLANG_VERSION" 'triton==3.7.*'
-"${PIP[@]}" -r "$KIT/requirements-cpu.txt"
+pip_install --no-deps "sglang==$SGLANG_VERSION" 'triton==3.7.*'
+pip_install -r "$KIT/requirements-cpu.txt"
 
 # 3. stand-ins: copied (not linked) so the venv works wherever the repository moves afterwards
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -11,8 +11,10 @@ __version__ = "0.0.0+sglang-cpu-kit"
 
 def _unavailable(qualname: str):
     def missing(*args, **kwargs):
-        raise RuntimeError(f"torchvision stand-in (sglang CPU kit): {qualname} is unavailable; vision models "
-                           "are not supported by the CPU kit")
+        raise RuntimeError(
+            f"torchvision stand-in (sglang CPU kit): {qualname} is unavailable; vision models "
+            "are not supported by the CPU kit"
+        )
 
     return missing
 

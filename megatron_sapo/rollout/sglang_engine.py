@@ -1,0 +1,440 @@
+"""The SGLang rollout engine: launch (or attach to) SGLang servers, sample groups, sync weights, recover.
+
+    engine = SGLangEngine(cfg.rollout, cfg.model, work_dir="runs/x/sglang", tokenizer_path=tok_dir, eos_token_id=2)
+    engine.update_weights(hf_state, version=0)          # + a log-prob check against the trainer's weights
+    samples = engine.generate(prompts, SamplingParams(n=8, max_new_tokens=16))
+    engine.shutdown()                                   # stops exactly the servers it started
+
+One /generate request per prompt carries all n samples (SGLang shares the prompt's KV cache across them);
+requests run concurrently (rollout.sglang.max_concurrency threads), spread over the servers. A request that
+fails (server unreachable, 5xx, timeout) is retried with backoff; a group that still fails is retried after
+recovery: launched servers that died are restarted and given the current weights again. Results are keyed by
+prompt index, so a retry can neither duplicate nor lose samples. Every response's weight_version must equal
+the engine's.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import torch
+
+from megatron_sapo.config import ModelConfig, RolloutConfig
+from megatron_sapo.rollout.base import Sample, SamplingParams
+from megatron_sapo.rollout.sglang_client import (
+    RETRYABLE,
+    SGLangAborted,
+    SGLangClient,
+    SGLangError,
+    SGLangRequestError,
+    SGLangServerError,
+    SGLangUnreachable,
+)
+from megatron_sapo.rollout.sglang_server import ServerProcess, SGLangStartupError, free_ports
+from megatron_sapo.rollout.sglang_sync import DiskSync, build_sync
+
+CPU_MAX_TOTAL_TOKENS = 32768  # KV-cache tokens on CPU; SGLang's own default there allocates ~14 GB
+
+
+class LogProbMismatch(SGLangError):
+    """After a weight sync, served log-probs differ from the trainer's beyond rollout.sglang.verify_tol."""
+
+
+def decode_routed_experts(data: str, num_layers: int, topk: int) -> torch.Tensor:
+    """meta_info.routed_experts (base64 of int32 [tokens, layers, topk]) -> int32 tensor of that shape."""
+    raw = bytearray(base64.b64decode(data))
+    flat = torch.frombuffer(raw, dtype=torch.int32) if raw else torch.zeros(0, dtype=torch.int32)
+    if flat.numel() % (num_layers * topk):
+        raise SGLangError(
+            f"routed_experts has {flat.numel()} values, not a multiple of layers*topk={num_layers * topk}"
+        )
+    return flat.view(-1, num_layers, topk).clone()
+
+
+def _version(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1  # SGLang's "default": weights no trainer sync has produced
+
+
+class SGLangEngine:
+    def __init__(
+        self,
+        rollout_cfg: RolloutConfig,
+        model_cfg: ModelConfig,
+        *,
+        work_dir: str,
+        tokenizer_path: str | None = None,
+        eos_token_id: int | None = None,
+        model_path: str | None = None,
+        seed: int = 0,
+        reference_fn=None,
+    ):
+        """reference_fn(tokens: list[list[int]]) -> list[list[float]]: the trainer's log-probs of tokens[1:] of
+        each sequence (at temperature 1); used by the post-sync check. Default: the HF model on the synced
+        weights, in this process (fine for small models; pass the Megatron engine's for large ones)."""
+        self.cfg, self.model_cfg = rollout_cfg.sglang, model_cfg
+        self.transport = rollout_cfg.weight_sync
+        self.work_dir = os.path.abspath(work_dir)
+        self.tokenizer_path, self.eos_token_id, self.seed = tokenizer_path, eos_token_id, seed
+        self.reference_fn = reference_fn
+        self.client = SGLangClient(self.cfg.request_timeout_s, self.cfg.retries, self.cfg.retry_backoff_s)
+        self.control = SGLangClient(timeout_s=60.0, retries=1, backoff_s=0.5)  # never aborted
+        self.servers: list[ServerProcess] = []
+        self.device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.routed_experts = self.cfg.return_routed_experts and model_cfg.is_moe
+        self.context_len = model_cfg.max_seq_len
+        self.seeded = "--enable-deterministic-inference" in self.cfg.extra_args
+        # the trainer's dtype: fp32 on CPU (and when asked), else bf16; SGLang would serve an fp32 checkpoint in fp16
+        self.dtype = (
+            "bfloat16"
+            if model_cfg.dtype == "bf16" or (model_cfg.dtype == "auto" and self.device == "cuda")
+            else "float32"
+        )
+        self.last_check: dict[str, float] = {}
+        self.last_sync_s = 0.0
+        self.restarts = 0
+        self._last_state: dict[str, torch.Tensor] | None = None
+        self._ref_model = None
+        self._rr = 0
+        self._lock = threading.Lock()
+        os.makedirs(self.work_dir, exist_ok=True)
+        sync_client = SGLangClient(self.cfg.request_timeout_s, self.cfg.retries, self.cfg.retry_backoff_s)
+        self.sync = build_sync(self.transport, sync_client, model_cfg, self.work_dir, self.cfg.tp, self.cfg.bucket_mb,
+                               eos_token_id, timeout_s=self.cfg.request_timeout_s)  # fmt: skip
+        if self.cfg.urls:
+            self.urls = [u.rstrip("/") for u in self.cfg.urls]
+            self._attach()
+        else:
+            self._launch(model_path)
+        self._pool = ThreadPoolExecutor(max(1, self.cfg.max_concurrency), thread_name_prefix="sglang-rollout")
+
+    # ------------------------------------------------------------------------------------------------------
+    # servers
+    # ------------------------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        versions = []
+        for i, url in enumerate(self.urls):
+            try:
+                info = self.control.get(url, "/get_model_info", retries=2)
+            except SGLangError as e:
+                raise SGLangUnreachable(f"rollout.sglang.urls[{i}]={url} is unreachable: {e}") from None
+            versions.append(_version(info.get("weight_version") if isinstance(info, dict) else None))
+        self.weight_version = versions[0] if len(set(versions)) == 1 else -1
+
+    def _bootstrap_model(self) -> str:
+        """An HF checkpoint for the server to start from (random weights: the trainer syncs before rolling out)."""
+        from megatron_sapo.rollout.local import build_hf_model
+        from megatron_sapo.rollout.weights import save_hf_checkpoint
+
+        path = os.path.join(self.work_dir, "bootstrap_model")
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            state = build_hf_model(self.model_cfg, self.eos_token_id).state_dict()
+            save_hf_checkpoint(state, self.model_cfg, path, self.eos_token_id)
+        return path
+
+    def _launch(self, model_path: str | None) -> None:
+        model_path = model_path or self._bootstrap_model()
+        ports = free_ports(self.cfg.base_port, self.cfg.num_servers, self.cfg.host)
+        max_tokens = self.cfg.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if self.device == "cpu" else None)
+        for i, port in enumerate(ports):
+            self.servers.append(ServerProcess(
+                self.cfg.python, model_path, port, os.path.join(self.work_dir, f"server{i}.log"),
+                host=self.cfg.host, device=self.device, tp=self.cfg.tp,
+                base_gpu_id=self.cfg.base_gpu_id + i * self.cfg.tp,
+                max_total_tokens=max_tokens, weight_version="-1", routed_experts=self.routed_experts,
+                random_seed=self.seed + i, extra_args=["--dtype", self.dtype, *self.cfg.extra_args],
+                tokenizer_path=self.tokenizer_path,
+            ))  # fmt: skip
+        try:
+            for server in self.servers:
+                server.start()
+            for server in self.servers:
+                server.wait_healthy(self.cfg.startup_timeout_s)
+        except BaseException as e:
+            self.shutdown()
+            if isinstance(e, SGLangStartupError) and "No module named 'sglang'" in str(e):
+                raise SGLangStartupError(f"{e}\nrollout.sglang.python={self.cfg.python!r} has no sglang; on CPU "
+                                         "build the kit (bash tools/sglang_cpu_kit/setup.sh) and set "
+                                         "rollout.sglang.python=.venv-sglang/bin/python") from None  # fmt: skip
+            raise
+        self.urls = [s.url for s in self.servers]
+        self.weight_version = -1
+
+    def _recover(self) -> None:
+        """Restart launched servers that stopped answering and give them the current weights; an attached server
+        that is down is an error (we cannot restart what we did not start)."""
+        for i, url in enumerate(self.urls):
+            if self.control.healthy(url, timeout=10):
+                continue
+            server = self.servers[i] if self.servers else None
+            if server is None:
+                raise SGLangUnreachable(f"attached SGLang server {url} (rollout.sglang.urls[{i}]) is down; it was not "
+                                        "launched by this engine, so it cannot be restarted here")  # fmt: skip
+            if self.restarts >= self.cfg.max_restarts:
+                raise SGLangError(f"SGLang server {url} is down again after {self.restarts} restarts "
+                                  f"(rollout.sglang.max_restarts); see {server.log_path}")  # fmt: skip
+            self.restarts += 1
+            disk = isinstance(self.sync, DiskSync) and self.sync.latest is not None and self.weight_version >= 0
+            print(f"[sglang] server {url} (pid {server.pid}) is down; restarting ({self.restarts})", flush=True)
+            server.restart(
+                self.cfg.startup_timeout_s,
+                model_path=os.path.abspath(self.sync.latest) if disk else None,
+                weight_version=str(self.weight_version) if disk else "-1",
+            )
+            if not disk and self._last_state is not None:
+                if hasattr(self.sync, "group"):
+                    self.sync.close()  # the weight-update group lost a member: rebuild it with every server
+                    self.sync.push(self.urls, self._last_state, self.weight_version)
+                else:
+                    self.sync.push([url], self._last_state, self.weight_version)
+
+    def set_transport(self, kind: str) -> None:
+        """Switch the weight-sync transport (disk | tensor | distributed) between syncs."""
+        self.sync.close()
+        self.sync = build_sync(kind, self.sync.client, self.model_cfg, self.work_dir, self.cfg.tp, self.cfg.bucket_mb,
+                               self.eos_token_id, timeout_s=self.cfg.request_timeout_s)  # fmt: skip
+        self.transport = kind
+
+    def health(self) -> bool:
+        return all(self.control.healthy(u) for u in self.urls)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [s.pid for s in self.servers]
+
+    # ------------------------------------------------------------------------------------------------------
+    # generation
+    # ------------------------------------------------------------------------------------------------------
+    def _validate(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if params.n < 1 or params.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams needs n >= 1 and max_new_tokens >= 1, got {params}")
+        vocab = self.model_cfg.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= int(t) < vocab]
+            if bad:  # an out-of-range id crashes the SGLang server (embedding IndexError), so refuse it here
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            if len(p) + params.max_new_tokens > self.context_len:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={params.max_new_tokens} that is "
+                    f"{len(p) + params.max_new_tokens} > the model's context length {self.context_len} "
+                    "(model.max_seq_len)"
+                )
+
+    def _body(self, prompt: list[int], params: SamplingParams, group: int, extra: dict | None) -> dict:
+        sampling = {
+            "n": params.n,
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            **(extra or {}),
+        }
+        if self.seeded:  # SGLang honours sampling_seed only in deterministic-inference mode
+            sampling["sampling_seed"] = (params.seed * 1_000_003 + group) % 2**31
+        body = {"input_ids": list(map(int, prompt)), "sampling_params": sampling, "return_logprob": True,
+                "logprob_start_len": -1}  # fmt: skip
+        if self.routed_experts:
+            body["return_routed_experts"] = True
+        return body
+
+    def _parse(self, out: dict, prompt: list[int], group: int, url: str) -> Sample:
+        meta = out["meta_info"]
+        reason = meta.get("finish_reason") or {}
+        kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+        if kind == "abort":
+            if self.client.aborted:
+                raise SGLangAborted(f"request for prompt {group} was aborted")
+            raise SGLangServerError(f"SGLang server {url} aborted the request for prompt {group}: {reason}")
+        version = _version(meta.get("weight_version"))
+        if version != self.weight_version:
+            raise SGLangError(f"SGLang server {url} answered with weights v{meta.get('weight_version')}, the engine "
+                              f"expects v{self.weight_version} (was the server updated by someone else?)")  # fmt: skip
+        ids = [int(t) for t in out["output_ids"]]
+        entries = meta.get("output_token_logprobs") or []
+        if [int(e[1]) for e in entries] != ids:
+            raise SGLangError(f"SGLang server {url}: output_token_logprobs do not match output_ids for prompt {group}")
+        sample = Sample(
+            prompt_ids=list(prompt),
+            response_ids=ids,
+            rollout_log_probs=[float(e[0]) for e in entries],
+            finish_reason="stop" if kind == "stop" else "length",
+            group=group,
+            weight_version=version,
+            info={"server": url, "cached_tokens": meta.get("cached_tokens", 0)},
+        )
+        if self.routed_experts and meta.get("routed_experts"):
+            sample.routed_experts = decode_routed_experts(
+                meta["routed_experts"], self.model_cfg.num_layers, self.model_cfg.moe_topk
+            )
+        return sample
+
+    def _next_url(self) -> str:
+        with self._lock:
+            self._rr += 1
+            return self.urls[self._rr % len(self.urls)]
+
+    def _group(self, prompt: list[int], params: SamplingParams, group: int, extra: dict | None) -> list[Sample]:
+        url = self._next_url()
+        out = self.client.post(url, "/generate", self._body(prompt, params, group, extra))
+        outs = out if isinstance(out, list) else [out]
+        if len(outs) != params.n:
+            raise SGLangServerError(f"SGLang server {url} returned {len(outs)} samples for prompt {group}, "
+                                    f"asked for n={params.n}")  # fmt: skip
+        return [self._parse(o, prompt, group, url) for o in outs]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, extra_sampling_params: dict | None = None,
+                 ) -> list[Sample]:  # fmt: skip
+        """n samples per prompt, ordered by prompt then sample; Sample.group is the prompt index.
+        extra_sampling_params: more SGLang sampling_params keys (e.g. top_k, stop_token_ids, ignore_eos);
+        an unknown key is a SGLangRequestError naming it."""
+        self._validate(prompts, params)
+        self.client.reset_abort()
+        results: dict[int, list[Sample]] = {}
+        pending = list(range(len(prompts)))
+        for round_ in range(self.cfg.max_restarts + 1):
+            failed: dict[int, BaseException] = {}
+            futures = {self._pool.submit(self._group, prompts[g], params, g, extra_sampling_params): g for g in pending}
+            for future in as_completed(futures):
+                g = futures[future]
+                try:
+                    results[g] = future.result()
+                except RETRYABLE as e:
+                    failed[g] = e
+                except BaseException:
+                    self.abort_requests(local_only=True)  # stop the rest of this call's requests
+                    for f in futures:
+                        f.cancel()
+                    raise
+            if not failed:
+                break
+            if round_ == self.cfg.max_restarts:
+                first = next(iter(failed.values()))
+                raise SGLangError(f"{len(failed)} of {len(prompts)} prompts failed after {round_ + 1} rounds: {first}")
+            print(f"[sglang] {len(failed)} prompt groups failed ({next(iter(failed.values()))}); recovering",
+                  flush=True)  # fmt: skip
+            self._recover()
+            pending = sorted(failed)
+        return [s for g in range(len(prompts)) for s in results[g]]
+
+    def abort_requests(self, local_only: bool = False) -> None:
+        """Abort the generate() call in flight (from another thread): its requests stop at their next check and
+        the servers abort what they are running; generate() raises SGLangAborted."""
+        self.client.abort()
+        if local_only:
+            return
+        for url in self.urls:
+            with contextlib.suppress(SGLangError):
+                self.control.post(url, "/abort_request", {"abort_all": True}, retries=0)
+
+    # ------------------------------------------------------------------------------------------------------
+    # weights
+    # ------------------------------------------------------------------------------------------------------
+    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
+        start = time.perf_counter()
+        if self.servers and not all(s.alive() for s in self.servers):
+            self._recover()
+        self.sync.push(self.urls, hf_state, version)
+        self.weight_version = version
+        if not isinstance(self.sync, DiskSync):
+            self._last_state = hf_state  # what a restarted server gets (disk: the newest folder)
+        self.last_sync_s = time.perf_counter() - start
+        if self.cfg.verify_sequences > 0:
+            self.last_check = self.check_log_probs(hf_state)
+            worst = self.last_check["sync/logprob_abs_diff_max"]
+            if worst > self.cfg.verify_tol:
+                raise LogProbMismatch(
+                    f"after weight sync v{version} ({self.transport}), served log-probs differ from the trainer's "
+                    f"by up to {worst:.3g} > rollout.sglang.verify_tol={self.cfg.verify_tol}"
+                )
+
+    def verify_prompts(self, count: int, length: int = 8) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(1234)
+        low = min(4, self.model_cfg.vocab_size - 1)  # skip the tiny tokenizer's pad/bos/eos/unk
+        return [torch.randint(low, self.model_cfg.vocab_size, (length,), generator=gen).tolist() for _ in range(count)]
+
+    def reference_log_probs(self, tokens: list[list[int]], hf_state: dict[str, torch.Tensor] | None = None):
+        """log p(tokens[t+1] | tokens[:t+1]) at temperature 1 from the HF model on hf_state (or the last synced)."""
+        if self.reference_fn is not None:
+            return self.reference_fn(tokens)
+        from megatron_sapo.rollout.local import build_hf_model
+
+        state = hf_state if hf_state is not None else self._last_state
+        if state is None:
+            raise SGLangError("no trainer weights to compare with: call update_weights first")
+        if self._ref_model is None:
+            self._ref_model = build_hf_model(self.model_cfg, self.eos_token_id)
+        self._ref_model.load_state_dict(state, strict=not self.model_cfg.tie_embeddings)
+        out = []
+        with torch.no_grad():
+            for seq in tokens:
+                ids = torch.tensor([seq])
+                logp = torch.log_softmax(self._ref_model(ids).logits.float(), -1)[0, :-1]
+                out.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+        return out
+
+    def check_log_probs(self, hf_state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Greedy continuations of a few fixed prompts on every server vs the trainer's log-probs of the same
+        tokens; returns the mismatch metrics (sync/...)."""
+        prompts = self.verify_prompts(self.cfg.verify_sequences)
+        new = max(1, min(8, self.context_len - len(prompts[0])))
+        params = SamplingParams(n=1, max_new_tokens=new, temperature=0.0)
+        served, seqs = [], []
+        for url in self.urls:
+            for g, p in enumerate(prompts):
+                out = self.control.post(url, "/generate", {**self._body(p, params, g, {"ignore_eos": True}),
+                                                           "return_routed_experts": False})  # fmt: skip
+                s = self._parse(out, p, g, url)
+                served.append(s.rollout_log_probs)
+                seqs.append(p + s.response_ids)
+        ref = self.reference_log_probs(seqs, hf_state)
+        starts = [len(p) - 1 for p in prompts] * len(self.urls)  # reference index of the first response token
+        diffs = [abs(a - b) for s, r, k in zip(served, ref, starts) for a, b in zip(s, r[k:])]
+        return {
+            "sync/logprob_abs_diff_max": max(diffs),
+            "sync/logprob_abs_diff_mean": sum(diffs) / len(diffs),
+            "sync/tokens_checked": float(len(diffs)),
+            "time_sync_transport_s": self.last_sync_s,
+        }
+
+    # ------------------------------------------------------------------------------------------------------
+    # control
+    # ------------------------------------------------------------------------------------------------------
+    def pause(self) -> None:
+        for url in self.urls:
+            self.control.post(url, "/pause_generation", {})
+
+    def resume(self) -> None:
+        for url in self.urls:
+            self.control.post(url, "/continue_generation", {})
+
+    def release_memory(self) -> None:
+        """Colocated GPU mode: free the servers' weights and KV cache while the trainer runs (a no-op on CPU)."""
+        if self.device == "cuda":
+            for url in self.urls:
+                self.control.post(url, "/release_memory_occupation", {})
+
+    def resume_memory(self) -> None:
+        if self.device == "cuda":
+            for url in self.urls:
+                self.control.post(url, "/resume_memory_occupation", {})
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):  # servers may already be gone
+            self.sync.close()
+        for server in self.servers:
+            server.stop()
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["SGLangEngine", "SGLangError", "SGLangRequestError", "SGLangUnreachable", "LogProbMismatch",
+           "decode_routed_experts"]  # fmt: skip

@@ -1,0 +1,38 @@
+"""Engine pieces that need no server (they run even without the kit)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+
+from megatron_sapo.rollout.sglang_client import SGLangClient, SGLangRequestError, SGLangUnreachable
+from megatron_sapo.rollout.sglang_engine import decode_routed_experts
+from megatron_sapo.rollout.sglang_server import free_ports
+from megatron_sapo.rollout.sglang_sync import buckets
+
+
+def test_decode_routed_experts_round_trip():
+    routing = torch.randint(0, 8, (7, 3, 2), dtype=torch.int32)
+    data = base64.b64encode(routing.numpy().tobytes()).decode()
+    assert torch.equal(decode_routed_experts(data, num_layers=3, topk=2), routing)
+    with pytest.raises(Exception, match="not a multiple of layers\\*topk=6"):
+        decode_routed_experts(base64.b64encode(b"\0" * 4 * 5).decode(), num_layers=3, topk=2)
+
+
+def test_buckets_keep_order_and_size():
+    state = {f"w{i}": torch.zeros(256) for i in range(10)}  # 1 KiB each
+    groups = buckets(state, bucket_mb=3 / 1024)
+    assert [len(g) for g in groups] == [3, 3, 3, 1]
+    assert [n for g in groups for n, _ in g] == list(state)
+    assert len(buckets({"big": torch.zeros(10_000)}, bucket_mb=1 / 1024)) == 1  # a large tensor is its own bucket
+
+
+def test_client_errors_name_the_server():
+    port = free_ports(39300, 1)[0]
+    client = SGLangClient(timeout_s=2, retries=1, backoff_s=0.01)
+    with pytest.raises(SGLangUnreachable, match=f"POST http://127.0.0.1:{port}/generate failed: ConnectionRefused"):
+        client.post(f"http://127.0.0.1:{port}", "/generate", {})
+    with pytest.raises(SGLangRequestError, match="not an http"):
+        client.post("localhost:1", "/generate", {})
