@@ -471,6 +471,16 @@ def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
         )
 
 
+def _validate_sglang(g: SGLangConfig) -> None:
+    for name in ("num_servers", "tp", "max_concurrency"):
+        _require(getattr(g, name) >= 1, f"rollout.sglang.{name}", f"must be >= 1, got {getattr(g, name)}")
+    for name in ("retries", "max_restarts", "verify_sequences", "max_total_tokens", "base_gpu_id"):
+        _require(getattr(g, name) >= 0, f"rollout.sglang.{name}", f"must be >= 0, got {getattr(g, name)}")
+    for name in ("bucket_mb", "verify_tol", "startup_timeout_s", "request_timeout_s"):
+        _require(getattr(g, name) > 0, f"rollout.sglang.{name}", f"must be > 0, got {getattr(g, name)}")
+    _require(g.retry_backoff_s >= 0, "rollout.sglang.retry_backoff_s", f"must be >= 0, got {g.retry_backoff_s}")
+
+
 def _validate_batching(cfg: Config) -> None:
     r, p, a, t = cfg.rollout, cfg.parallel, cfg.algo, cfg.train
     _require(r.n >= 2 or a.advantage == "drgrpo", "rollout.n", f"group advantages need n >= 2, got {r.n}")
@@ -517,4 +527,5 @@ def validate(cfg: Config) -> Config:
     _validate_parallel(cfg.model, cfg.parallel)
     _validate_algo(cfg.algo, cfg.model, cfg.rollout)
     _validate_batching(cfg)
+    _validate_sglang(cfg.rollout.sglang)
     return cfg

@@ -45,6 +45,21 @@ class SGLangAborted(SGLangError):
 RETRYABLE = (SGLangUnreachable, SGLangServerError)
 
 
+class _NoDelayHTTPConnection(http.client.HTTPConnection):
+    """http.client sends the headers and the body in two writes; on a kept-alive connection Nagle's algorithm
+    would hold the body back until the server's delayed ACK of the headers. TCP_NODELAY sends it at once."""
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _error_message(body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -93,7 +108,7 @@ class SGLangClient:
         key = (parsed.scheme, parsed.hostname, parsed.port)
         conn = pool.get(key)
         if conn is None:
-            cls = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+            cls = _NoDelayHTTPSConnection if parsed.scheme == "https" else _NoDelayHTTPConnection
             conn = pool[key] = cls(parsed.hostname, parsed.port, timeout=timeout)
         conn.timeout = timeout
         if conn.sock is not None:

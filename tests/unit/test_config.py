@@ -120,6 +120,14 @@ BAD = [
     (["checkpoint.every=-1"], "checkpoint.every", "must be >= 0"),
     (["diagnostics.router_every=-1"], "diagnostics.router_every", "must be >= 0"),
     (["data.paths=[a.jsonl]", "data.weights=[1, 2]"], "data.weights", "one weight per path"),
+    (["rollout.sglang.num_servers=0"], "rollout.sglang.num_servers", "must be >= 1"),
+    (["rollout.sglang.tp=0"], "rollout.sglang.tp", "must be >= 1"),
+    (["rollout.sglang.retries=-1"], "rollout.sglang.retries", "must be >= 0"),
+    (["rollout.sglang.max_restarts=-1"], "rollout.sglang.max_restarts", "must be >= 0"),
+    (["rollout.sglang.verify_sequences=-1"], "rollout.sglang.verify_sequences", "must be >= 0"),
+    (["rollout.sglang.bucket_mb=0"], "rollout.sglang.bucket_mb", "must be > 0"),
+    (["rollout.sglang.verify_tol=0"], "rollout.sglang.verify_tol", "must be > 0"),
+    (["rollout.sglang.retry_backoff_s=-1"], "rollout.sglang.retry_backoff_s", "must be >= 0"),
 ]
 
 
