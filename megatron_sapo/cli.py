@@ -1,4 +1,4 @@
-"""`megatron-sapo`: the command line (train, plan).
+"""`megatron-sapo`: the command line (train, plan, diagnose, convert).
 
     megatron-sapo train examples/tiny_moe_cpu.yaml algo.tau_neg=1.1 parallel.tp=2
 
@@ -80,6 +80,30 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace, argv: list[str]) -> int:
+    """Router-variance decomposition between two checkpoints (megatron_sapo/diagnostics/diagnose.py)."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.parallel.world_size > 1 and not _launched_by_a_launcher():
+        return _relaunch_with_torchrun(argv, cfg.parallel.world_size)
+    from megatron_sapo.diagnostics.diagnose import cmd_diagnose as run
+
+    return run(cfg, args)
+
+
+def cmd_convert(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.parallel.world_size > 1 and not _launched_by_a_launcher():
+        return _relaunch_with_torchrun(argv, cfg.parallel.world_size)
+    from megatron_sapo.convert import convert
+
+    try:
+        convert(cfg, args.checkpoint, args.from_hf, args.to_hf, args.to_checkpoint, args.tokenizer)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"megatron-sapo convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-sapo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file (see examples/)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.tau_neg=1.1 parallel.tp=2")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("diagnose", help="router-variance decomposition between two checkpoints, no training")
+    p.add_argument("config", help="YAML config file of the run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("--old", required=True, help="checkpoint of pi_old (e.g. RUN/checkpoints/step_10)")
+    p.add_argument("--new", default=None, help="checkpoint of pi_theta (default: --old)")
+    p.add_argument("--batch", default=None, help="torch file with tokens [N, S], loss_mask [N, S-1]")
+    p.add_argument("--out", default=None, help="also save the metrics as JSON here")
+    p.set_defaults(fn=cmd_diagnose)
+    conv = sub.add_parser("convert", help="convert checkpoints: Megatron dist checkpoint <-> HF folder")
+    conv.add_argument("config", help="YAML config of the model and the layout to load at")
+    conv.add_argument("overrides", nargs="*", help="dotted overrides")
+    conv.add_argument("--checkpoint", help="source: a complete Megatron dist checkpoint folder")
+    conv.add_argument("--from-hf", help="source: an HF checkpoint folder (*.safetensors)")
+    conv.add_argument("--to-hf", help="target: HF folder (config.json, model.safetensors, tokenizer)")
+    conv.add_argument("--to-checkpoint", help="target: Megatron dist checkpoint folder")
+    conv.add_argument("--tokenizer", help="tokenizer folder to copy into --to-hf")
+    conv.set_defaults(fn=cmd_convert)
     return parser
 
 

@@ -52,6 +52,8 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     path = cfg.data.tokenizer or cfg.model.hf_path
+    if path and not cfg.data.tokenizer and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        raise FileNotFoundError(f"model.hf_path={path!r} holds no tokenizer_config.json: set data.tokenizer")
     if path is None:
         from megatron_sapo.data.tokenizer import build_tiny_tokenizer
 
@@ -94,6 +96,8 @@ class Trainer:
             self.prompts = build_prompt_source_from_config(cfg.data, self.tokenizer, cfg.train.seed)
             self.rollout = build_rollout_engine(cfg, self.tokenizer)
         self.engine = MegatronEngine(cfg)
+        if cfg.model.hf_path:  # before the reference copy and the resume (which overrides it)
+            self._load_hf_weights(cfg.model.hf_path)
         self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
         self.step = 0
         self.weight_version = 0
@@ -103,6 +107,14 @@ class Trainer:
             self.writer = MetricsWriter(cfg.run.dir, cfg.logging.tensorboard, resume_after_step=self.step)
 
     # ------------------------------------------------------------------------------------------------------
+    def _load_hf_weights(self, path: str) -> None:
+        from megatron_sapo.rollout.weights import hf_to_megatron, load_hf_state
+
+        template = self.engine.global_state_dict()
+        self.engine.load_global_state_dict(hf_to_megatron(load_hf_state(path), template, self.cfg.model))
+        if self.is_rank0:
+            print(f"initial weights from {path}")
+
     def _build_reference(self):
         """A frozen copy of the initial policy for the KL penalty (same layout and process groups). Its
         weights are kept in the run folder, so a resumed run uses the initial weights, not the resumed ones."""
@@ -128,7 +140,7 @@ class Trainer:
             return
         extra = self.engine.load_checkpoint(path)
         self.step, self.weight_version = int(extra["step"]), int(extra["weight_version"])
-        if self.is_rank0:
+        if self.is_rank0 and "prompts" in extra:  # a converted, weights-only checkpoint has no data position
             self.prompts.load_state_dict(extra["prompts"])
             print(f"resumed from {path} (step {self.step})")
 
@@ -231,6 +243,9 @@ class Trainer:
             else:
                 batch = collate_samples(samples, self.tokenizer.pad_token_id)
                 batch["advantages"] = self._advantages(samples)
+                rollout_routing = self._rollout_routing(samples, batch["tokens"].shape[1])
+                if rollout_routing is not None:
+                    batch["rollout_routing"] = rollout_routing
                 metrics.update(_sample_metrics(samples))
                 payload = {"batch": batch, "metrics": metrics}
         payload = _broadcast(payload)
@@ -239,9 +254,22 @@ class Trainer:
 
         batch, metrics = payload["batch"], payload["metrics"]
         start = time.perf_counter()
-        batch["old_log_probs"] = self.engine.compute_log_probs(batch)
-        if self.reference is not None:
+        # --- routing replay / router diagnostics (megatron_sapo/megatron/routing.py, diagnostics/router.py)
+        router_due = _router_diagnostics_due(self.cfg, self.step + 1)
+        replay_mode, old_routing = self.cfg.algo.routing_replay, None
+        rollout_routing = batch.pop("rollout_routing", None)  # when the rollout engine reports it
+        replay = rollout_routing if replay_mode == "r3" else None  # r3: also for pi_old's pass
+        old_batch = batch if replay is None else dict(batch, replay_routing=replay)
+        if replay_mode == "r2" or router_due:
+            batch["old_log_probs"], old_routing = self.engine.compute_log_probs(old_batch, record_routing=True)
+        else:
+            batch["old_log_probs"] = self.engine.compute_log_probs(old_batch)
+        if self.reference is not None:  # the reference model routes freely
             batch["ref_log_probs"] = self.reference.compute_log_probs(batch)
+        if replay_mode == "r2" and old_routing is not None:
+            replay = old_routing["ids"]
+        if replay is not None:
+            batch["replay_routing"] = replay  # every mini-batch update of this step replays it
         metrics["time_old_logprob_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -251,17 +279,35 @@ class Trainer:
             fault_point("update", self.step + 1)  # after an optimizer step, before the step completes
         metrics["time_train_s"] = time.perf_counter() - start
         metrics.update(_merge_minibatch_metrics(per_minibatch))
+        if router_due:
+            from megatron_sapo.diagnostics.router import run_router_diagnostics
+
+            start = time.perf_counter()
+            rollout_ids = rollout_routing if replay_mode != "r3" else None  # vs pi_old's free routing
+            metrics.update(run_router_diagnostics(self.engine, batch, old_routing, replay_mode != "none", rollout_ids))
+            metrics["router/time_s"] = time.perf_counter() - start
         if not all(m.get("update_ok", 1.0) for m in per_minibatch) or not math.isfinite(metrics["loss"]):
             return self._skipped("NaN loss or gradient", metrics)
 
         self.skipped_in_a_row = 0
         self.weight_version += 1
         metrics["time_sync_s"] = self.sync_weights()
+        if self.is_rank0:  # SGLang's post-sync check: served vs trainer log-probs on a few sequences
+            metrics.update(getattr(self.rollout, "last_check", {}))
         self.step += 1
         total_tokens = float(batch["loss_mask"].sum())
         elapsed = time.perf_counter() - t_step
         metrics.update(step=self.step, weight_version=self.weight_version, tokens_per_s=total_tokens / elapsed)
         return metrics if self.is_rank0 else {}
+
+    def _rollout_routing(self, samples: list[Sample], width: int) -> torch.Tensor | None:
+        from megatron_sapo.megatron.routing import collate_rollout_routing
+
+        m = self.cfg.model
+        ids = collate_rollout_routing(samples, width, m.num_layers, m.moe_topk) if m.is_moe else None
+        if ids is None and self.cfg.algo.routing_replay == "r3":
+            raise RuntimeError("algo.routing_replay=r3: the rollout engine did not report routed experts")
+        return ids
 
     def _skipped(self, why: str, metrics: dict) -> dict:
         self.skipped_in_a_row += 1
@@ -305,6 +351,11 @@ class Trainer:
             plot_run(self.cfg.run.dir)
         except ImportError:
             print("matplotlib is not installed: no plots (pip install matplotlib, or tools/plot_metrics.py later)")
+
+
+def _router_diagnostics_due(cfg: Config, step: int) -> bool:
+    every = cfg.diagnostics.router_every
+    return bool(every) and cfg.model.is_moe and step % every == 0
 
 
 def _sample_metrics(samples: list[Sample]) -> dict:

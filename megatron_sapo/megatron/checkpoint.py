@@ -103,7 +103,9 @@ def save_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None, ext
         os.makedirs(path, exist_ok=True)
     dist.barrier()
     model_sd = _model_sharded_state_dict(chunks)
-    state = {"model": model_sd, "extra": dict(extra or {})}
+    # A weights-only checkpoint (optimizer=None, e.g. from `megatron-sapo convert`) says so, and its load
+    # then leaves the optimizer and LR schedule fresh.
+    state = {"model": model_sd, "extra": dict(extra or {}), "has_optimizer": optimizer is not None}
     if optimizer is not None:
         state["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)
     if scheduler is not None:
@@ -122,6 +124,8 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
 
     model_sd = _model_sharded_state_dict(chunks)
     template = {"model": model_sd}
+    if not dist_checkpointing.load_common_state_dict(path).get("has_optimizer", True):
+        optimizer = scheduler = None
     if optimizer is not None:
         template["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(template, path)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import Config
-from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, weights
+from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, routing, weights
 from megatron_sapo.megatron.logprobs import attach_log_prob_head
 from megatron_sapo.megatron.parallel import ParallelState, init_parallel
 
@@ -28,6 +28,7 @@ class MegatronEngine:
         self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
         self.tcfg = model.build_transformer_config(cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm)
         chunks = model.build_model_chunks(cfg.model, self.tcfg, cfg.parallel)
+        self.routing = routing.RoutingHandle.attach(chunks, self.tcfg, self.par)  # None for a dense model
         self.head = attach_log_prob_head(chunks, self.par.tp_group)
         self.model = optimizer.wrap_ddp(chunks, self.tcfg, cfg.optim.distributed_optimizer)
         self.optimizer = optimizer.build_optimizer(cfg.optim, self.model, self.tcfg.params_dtype)
@@ -71,6 +72,8 @@ class MegatronEngine:
 
         chunks = len(self.model)
         iterators = [iter(microbatches) for _ in range(chunks)]
+        if self.routing is not None:
+            iterators = [self.routing.track(it, chunk) for chunk, it in enumerate(iterators)]
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if chunks > 1 else iterators[0],
@@ -88,22 +91,39 @@ class MegatronEngine:
     # passes
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_log_probs(self, batch: dict, with_entropy: bool = False):
+    def compute_log_probs(self, batch: dict, with_entropy: bool = False, record_routing: bool = False):
         """Forward only: log-probs [N, S-1] (float32, CPU) of tokens[:, 1:], on every rank; with
         `with_entropy`, also the per-token entropy [N, S-1] of the policy: (log_probs, entropy). Positions
-        after the last loss token of the batch are 0."""
+        after the last loss token of the batch are 0. With `record_routing`, the routing used is appended
+        to the result (routing.RoutingHandle.collect; None for a dense model). batch["replay_routing"]
+        [N, S-1, L, K], when present, forces that routing (routing.py)."""
         n, seq = batch["tokens"].shape
         length = self._length(batch)
-        mbs = loss_glue.make_microbatches(self._local(batch), self.cfg.train.micro_batch_size, length)
+        mbs = self._microbatches(batch, length)
         for m in self.model:
             m.eval()
         step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy)
+        if self.routing is not None:
+            self.routing.begin(record_routing)
         outputs = self._run(step, mbs, length, True)
         for m in self.model:
             m.train()
         keys = ("log_probs", "entropy") if with_entropy else ("log_probs",)
         results = tuple(self._gather_rows(outputs, key, n, seq, length) for key in keys)
-        return results if with_entropy else results[0]
+        if record_routing:
+            mbs_size = self.cfg.train.micro_batch_size
+            results += (self.routing.collect(n, seq, length, mbs_size) if self.routing is not None else None,)
+        if self.routing is not None:
+            self.routing.end()
+        return results if len(results) > 1 else results[0]
+
+    def _microbatches(self, batch: dict, length: int) -> list:
+        local = self._local(batch)
+        mbs = loss_glue.make_microbatches(local, self.cfg.train.micro_batch_size, length)
+        if local.get(routing.REPLAY_KEY) is not None and self.routing is not None:
+            size, topk = self.cfg.train.micro_batch_size, self.tcfg.moe_router_topk
+            routing.attach_replay(mbs, local[routing.REPLAY_KEY], size, length, topk)
+        return mbs
 
     def _gather_rows(self, outputs: list, key: str, n: int, seq: int, length: int) -> torch.Tensor:
         """[N, S-1] on every rank from the last stage's micro-batch outputs of each DP rank."""
@@ -129,7 +149,7 @@ class MegatronEngine:
         batch = self._with_is_weights(batch)
         denominators = loss_glue.global_denominators(batch["loss_mask"])
         length = self._length(batch)
-        mbs = loss_glue.make_microbatches(self._local(batch), self.cfg.train.micro_batch_size, length)
+        mbs = self._microbatches(batch, length)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -191,8 +211,9 @@ class MegatronEngine:
         # bf16 models keep separate fp32 main params in the optimizer: refresh them from the model.
         self.optimizer.reload_model_params()
 
-    def save_checkpoint(self, path: str, extra: dict | None = None) -> None:
-        checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, extra)
+    def save_checkpoint(self, path: str, extra: dict | None = None, weights_only: bool = False) -> None:
+        optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
+        checkpoint.save_checkpoint(path, self.model, optimizer, scheduler, extra)
 
     def load_checkpoint(self, path: str) -> dict:
         return checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)

@@ -119,7 +119,7 @@ class RoutingHandle:
         self.recording, self.current = False, {}
 
     def collect(self, n: int, seq: int, length: int, micro_batch_size: int) -> dict:
-        """The recorded routing of the pass as full-batch tensors on every rank: ids [N, S-1, L, K] (long,
+        """The recorded routing of the pass as full-batch tensors on every rank: ids [N, S-1, L, K] (int16,
         -1 = none), probs [N, S-1, L, K] and entropy [N, S-1, L] (float32), plus moe_layers."""
         par, k, layers = self.par, self.topk, self.num_layers
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -144,10 +144,10 @@ class RoutingHandle:
             buf = torch.cat(parts, 0)
         buf = buf.cpu()
         width = min(length, seq - 1)
-        ids = torch.full((n, seq - 1, layers, k), -1, dtype=torch.long)
+        ids = torch.full((n, seq - 1, layers, k), -1, dtype=torch.int16)  # compact: expert ids < 32768
         probs = torch.zeros(n, seq - 1, layers, k)
         entropy = torch.zeros(n, seq - 1, layers)
-        ids[:, :width] = buf[:, :width, :, :k].round().long() - 1
+        ids[:, :width] = (buf[:, :width, :, :k].round() - 1).to(torch.int16)
         probs[:, :width] = buf[:, :width, :, k : 2 * k]
         entropy[:, :width] = buf[:, :width, :, 2 * k]
         return {"ids": ids, "probs": probs, "entropy": entropy, "moe_layers": list(self.moe_layers)}
@@ -167,3 +167,19 @@ def attach_replay(microbatches: list[dict], ids: torch.Tensor, micro_batch_size:
     for i, mb in enumerate(microbatches):
         mb[REPLAY_KEY] = ids[i * micro_batch_size : i * micro_batch_size + mb["tokens"].shape[0]].contiguous()
     return microbatches
+
+
+def collate_rollout_routing(samples: list, width: int, num_layers: int, topk: int) -> torch.Tensor | None:
+    """Sample.routed_experts ([tokens, layers, topk]: the rollout engine's routing of each input token of
+    prompt + response) -> replay ids [N, width - 1, L, K] in the batch layout (position t = input token t;
+    -1 past the reported tokens). None when any sample lacks it (e.g. a dense model or an engine without it)."""
+    if not samples or any(getattr(s, "routed_experts", None) is None for s in samples):
+        return None
+    out = torch.full((len(samples), width - 1, num_layers, topk), -1, dtype=torch.int16)
+    for i, s in enumerate(samples):
+        routed = torch.as_tensor(s.routed_experts).long()
+        if routed.dim() != 3 or routed.shape[1:] != (num_layers, topk):
+            raise ValueError(f"routed_experts of shape {tuple(routed.shape)}, expected [tokens, {num_layers}, {topk}]")
+        count = min(routed.shape[0], width - 1)
+        out[i, :count] = routed[:count]
+    return out

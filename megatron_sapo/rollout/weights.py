@@ -166,3 +166,48 @@ def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], m: ModelConfig, out_di
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config_dict(m, eos_token_id), f, indent=2)
     return out_dir
+
+
+def hf_to_megatron(
+    hf_state: dict[str, torch.Tensor], template: dict[str, torch.Tensor], m: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """HF state dict -> Megatron global state dict shaped like `template` (MegatronEngine.global_state_dict()).
+
+    The exact inverse of megatron_to_hf, derived from it: the template is filled with element ids, mapped
+    forward (megatron_to_hf only slices, splits and reshapes), and each HF value is written back to the
+    ids it came from. One mapping serves both directions, so they cannot drift apart.
+    """
+    ids, total = {}, 0
+    for key, tensor in template.items():
+        ids[key] = torch.arange(total, total + tensor.numel()).view(tensor.shape)
+        total += tensor.numel()
+    id_hf = megatron_to_hf(ids, m)
+    missing = sorted(set(id_hf) - set(hf_state))
+    unexpected = sorted(set(hf_state) - set(id_hf) - ({"lm_head.weight"} if m.tie_embeddings else set()))
+    if missing or unexpected:
+        raise KeyError(f"HF checkpoint does not fit model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    flat = torch.zeros(total, dtype=torch.float32)
+    filled = torch.zeros(total, dtype=torch.bool)
+    for name, index in id_hf.items():
+        value = hf_state[name]
+        if tuple(value.shape) != tuple(index.shape):
+            raise ValueError(f"HF weight '{name}' has shape {tuple(value.shape)}, the model needs {tuple(index.shape)}")
+        flat[index.reshape(-1)] = value.reshape(-1).float()
+        filled[index.reshape(-1)] = True
+    empty = [k for k, i in ids.items() if not bool(filled[i.reshape(-1)].all())]
+    if empty:
+        raise KeyError(f"Megatron weights not covered by the HF checkpoint: {empty[:5]}")
+    return {k: flat[i.reshape(-1)].view(template[k].shape).to(template[k].dtype) for k, i in ids.items()}
+
+
+def load_hf_state(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint folder (*.safetensors, sharded or not)."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model.hf_path={path!r}: no *.safetensors files in that folder")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state

@@ -9,9 +9,10 @@ from megatron_sapo.config import load_config
 from megatron_sapo.data.datasets import DataError
 from megatron_sapo.rewards.registry import REWARDS, register_reward
 
-if "test_constant" not in REWARDS:
-    register_reward("test_constant", description="always 1: a group with no learning signal")(lambda c, s: 1.0)
-    register_reward("test_nan", description="a broken verifier that returns NaN")(lambda c, s: math.nan)
+if "e2e_constant" not in REWARDS:
+    register_reward("e2e_constant", description="always 1: a group with no learning signal")(lambda c, s: 1.0)
+if "e2e_nan" not in REWARDS:
+    register_reward("e2e_nan", description="a broken verifier that returns NaN")(lambda c, s: math.nan)
 
 
 def _write_rows(path, rows):
@@ -35,7 +36,7 @@ def _train(cfg):
 
 def test_dynamic_sampling_drops_and_refills_uniform_groups(tmp_path):
     rows = [{"prompt": f"copy:{i}{i}{i}=", "answer": f"{i}{i}{i}", "task": "copy"} for i in range(8)]
-    rows += [{"prompt": f"const:{i}=", "answer": "1", "task": "test_constant"} for i in range(8)]
+    rows += [{"prompt": f"const:{i}=", "answer": "1", "task": "e2e_constant"} for i in range(8)]
     cfg = _cfg(tmp_path, _write_rows(tmp_path / "mix.jsonl", rows), "train.steps=2", "algo.dynamic_sampling=true")
     history = _train(cfg)
     assert len(history) == 2
@@ -50,7 +51,7 @@ def test_dynamic_sampling_drops_and_refills_uniform_groups(tmp_path):
 def test_nan_rewards_skip_steps_then_stop_with_a_clear_message(tmp_path):
     from megatron_sapo.trainer import TrainingStopped
 
-    rows = [{"prompt": f"x{i}=", "answer": "1", "task": "test_nan"} for i in range(8)]
+    rows = [{"prompt": f"x{i}=", "answer": "1", "task": "e2e_nan"} for i in range(8)]
     cfg = _cfg(tmp_path, _write_rows(tmp_path / "nan.jsonl", rows), "train.steps=5", "train.max_skipped_steps=2")
     with pytest.raises(TrainingStopped, match=r"2 consecutive steps skipped \(NaN reward\)"):
         _train(cfg)
@@ -97,3 +98,27 @@ def test_kl_penalty_uses_the_initial_policy_as_reference(tmp_path):
     assert all("kl_ref" in m for m in history)
     assert 0.0 <= history[0]["kl_ref"] < history[1]["kl_ref"]
     assert (tmp_path / "run" / "reference_weights.pt").exists()
+
+
+def test_model_hf_path_sets_the_initial_weights(tmp_path):
+    import torch
+
+    from megatron_sapo.data.tokenizer import build_tiny_tokenizer
+    from megatron_sapo.rollout.local import build_hf_model
+    from megatron_sapo.rollout.weights import megatron_to_hf, save_hf_checkpoint
+    from megatron_sapo.trainer import Trainer
+
+    rows = [{"prompt": "copy:123=", "answer": "123", "task": "copy"}] * 4
+    cfg = _cfg(tmp_path, _write_rows(tmp_path / "d.jsonl", rows), f"model.hf_path={tmp_path / 'hf'}")
+    hf_model = build_hf_model(cfg.model)
+    save_hf_checkpoint(hf_model.state_dict(), cfg.model, str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        Trainer(cfg)
+    build_tiny_tokenizer(str(tmp_path / "hf"))
+    trainer = Trainer(cfg)
+    try:
+        loaded = megatron_to_hf(trainer.engine.global_state_dict(), cfg.model)
+        for name, tensor in hf_model.state_dict().items():
+            assert torch.equal(loaded[name], tensor), name
+    finally:
+        trainer.engine.shutdown()

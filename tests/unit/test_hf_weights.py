@@ -85,3 +85,32 @@ def test_unknown_megatron_name_is_an_error():
     cfg = load_config(None, []).model
     with pytest.raises(KeyError, match="no HF name for Megatron weight 'decoder.layers.0.mlp.mystery.weight'"):
         megatron_to_hf({"decoder.layers.0.mlp.mystery.weight": torch.zeros(1)}, cfg)
+
+
+def test_hf_to_megatron_inverts_the_export_exactly(engines, tmp_path):
+    from megatron_sapo.rollout.weights import hf_to_megatron, load_hf_state, save_hf_checkpoint
+
+    cfg, engine = engines
+    megatron_state = engine.global_state_dict()
+    save_hf_checkpoint(megatron_to_hf(megatron_state, cfg.model), cfg.model, str(tmp_path / "hf"))
+    back = hf_to_megatron(load_hf_state(str(tmp_path / "hf")), megatron_state, cfg.model)
+    assert back.keys() == megatron_state.keys()
+    for key, tensor in megatron_state.items():
+        assert torch.equal(back[key], tensor), key
+    # an HF model's own random weights load into the engine and give the HF model's log-probs
+    model = build_hf_model(cfg.model)
+    before = {k: v.clone() for k, v in megatron_state.items()}
+    engine.load_global_state_dict(hf_to_megatron(model.state_dict(), megatron_state, cfg.model))
+    try:
+        tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+        lp = engine.compute_log_probs({"tokens": tokens, "loss_mask": torch.ones(4, 15), "advantages": torch.zeros(4)})
+        assert (lp - _hf_log_probs(model, tokens)).abs().max().item() < 1e-5
+    finally:
+        engine.load_global_state_dict(before)
+    wrong = dict(model.state_dict())
+    wrong["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(3,\), the model needs \(64,\)"):
+        hf_to_megatron(wrong, megatron_state, cfg.model)
+    del wrong["model.norm.weight"]
+    with pytest.raises(KeyError, match="missing"):
+        hf_to_megatron(wrong, megatron_state, cfg.model)

@@ -1,0 +1,130 @@
+"""Benchmark: cost of the router diagnostics (megatron_sapo/diagnostics/router.py) in a training step.
+
+    python tools/bench_router_diagnostics.py [--seqs 32 --max-sequences 8 --every 10 --repeats 3]
+
+One process, real megatron-core, a tiny MoE. A step is what the trainer does after the rollout: the
+old-log-prob pass, then `--minibatches` optimizer steps. A diagnostic step additionally records the routing
+in the old-log-prob pass and runs run_router_diagnostics (two forward-only passes on `--max-sequences`
+sequences). Steps alternate plain / diagnostic; on CPU the time is this process's CPU time with one thread
+(robust to other load on a shared machine), on GPU wall time; the median of the repeats is used. With the
+diagnostics every `--every` steps the mean step time over plain is
+
+    ratio = ((every - 1) * t_plain + t_diag) / (every * t_plain)
+
+Prints the timings, then `<figure> ratio=<value> goal<=1.03` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore")
+
+
+def _config(args):
+    from megatron_sapo.config import Config
+
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.num_layers, m.num_attention_heads, m.vocab_size = args.hidden, args.layers, 4, args.vocab
+    m.num_experts, m.moe_topk, m.moe_ffn_hidden_size, m.ffn_hidden_size = 8, 2, args.hidden, 4 * args.hidden
+    m.max_seq_len = args.seq + 1
+    cfg.train.micro_batch_size = args.mbs
+    cfg.algo.minibatches = args.minibatches
+    cfg.diagnostics.max_sequences = args.max_sequences
+    cfg.optim.lr = 1e-4
+    return cfg
+
+
+def _batch(args):
+    g = torch.Generator().manual_seed(0)
+    n, s = args.seqs, args.seq + 1
+    tokens = torch.randint(1, args.vocab, (n, s), generator=g)
+    mask = torch.zeros(n, s - 1)
+    for i in range(n):
+        prompt = 8 + i % 8
+        mask[i, prompt : prompt + (s - 1 - prompt) * (2 + i % 3) // 4] = 1.0
+    return {"tokens": tokens, "loss_mask": mask, "advantages": torch.randn(n, generator=g)}
+
+
+def _clock():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def _step(engine, batch, minibatches, diagnose: bool) -> tuple[float, float]:
+    """(step time, of which diagnostics) for one trainer-like step."""
+    from megatron_sapo.data.collate import minibatches as split
+    from megatron_sapo.diagnostics.router import run_router_diagnostics
+
+    start = _clock()
+    batch = dict(batch)
+    if diagnose:
+        batch["old_log_probs"], old = engine.compute_log_probs(batch, record_routing=True)
+    else:
+        batch["old_log_probs"] = engine.compute_log_probs(batch)
+    for mb in split(batch, minibatches):
+        engine.train_minibatch(mb)
+    mid = _clock()
+    if diagnose:
+        metrics = run_router_diagnostics(engine, batch, old)
+        assert "router/var_logratio" in metrics
+    end = _clock()
+    return end - start, end - mid
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--seq", type=int, default=96)
+    p.add_argument("--seqs", type=int, default=32)
+    p.add_argument("--mbs", type=int, default=4)
+    p.add_argument("--minibatches", type=int, default=4)
+    p.add_argument("--max-sequences", type=int, default=8)
+    p.add_argument("--every", type=int, default=10, help="diagnostics.router_every being evaluated")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    from megatron_sapo.megatron import compat
+    from megatron_sapo.megatron.engine import MegatronEngine
+
+    if not torch.cuda.is_available():
+        compat.apply_cpu_patches()
+        torch.set_num_threads(1)
+    engine = MegatronEngine(_config(args))
+    batch = _batch(args)
+    _step(engine, batch, args.minibatches, True)  # warm-up
+    plain, diag, extra = [], [], []
+    for _ in range(args.repeats):
+        plain.append(_step(engine, batch, args.minibatches, False)[0])
+        total, cost = _step(engine, batch, args.minibatches, True)
+        diag.append(total)
+        extra.append(cost)
+    engine.shutdown()
+    t_plain, t_diag, t_extra = (statistics.median(x) for x in (plain, diag, extra))
+    ratio = ((args.every - 1) * t_plain + t_diag) / (args.every * t_plain)
+    clock = "wall" if torch.cuda.is_available() else "CPU (1 thread)"
+    print(f"{args.seqs} sequences x {args.seq} tokens, {args.minibatches} mini-batches, diagnostics on "
+          f"{min(args.seqs, args.max_sequences)} sequences; {clock} seconds, median of {args.repeats}")  # fmt: skip
+    print(f"  step without diagnostics   {t_plain:.3f} s")
+    print(f"  step with diagnostics      {t_diag:.3f} s  (of which the diagnostic passes {t_extra:.3f} s)")
+    print(f"  one diagnostic step costs {t_diag / t_plain:.2f} plain steps")
+    print(f"router_diagnostics_every_{args.every} ratio={ratio:.4f} goal<=1.03")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
