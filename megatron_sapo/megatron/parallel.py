@@ -6,7 +6,7 @@
 
 - gloo on CPU, NCCL on GPU.
 - Launched by torchrun/srun (RANK / WORLD_SIZE in the environment): joins that world. Otherwise: a world of
-  one process on a free local port, so every code path also runs as a plain `python` call.
+  one process with an in-memory store, so every code path also runs as a plain `python` call.
 - The degrees must multiply to the world size (tp * pp * cp * dp); EP and expert-TP live inside the
   tp * cp * dp ranks of each pipeline stage (megatron's expert grid).
 """
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -22,12 +21,6 @@ import torch.distributed as dist
 
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.megatron import compat
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend_name() -> str:
@@ -40,13 +33,14 @@ def init_torch_distributed() -> bool:
     if dist.is_initialized():
         return False
     standalone = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
-    if standalone:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend_name())
+    if standalone:
+        # A world of one needs no rendezvous: an in-memory store, no port, and no RANK / MASTER_PORT written
+        # into os.environ (child processes would inherit them and think they were launched by torchrun).
+        dist.init_process_group(backend=backend_name(), store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend=backend_name())
     return standalone
 
 
