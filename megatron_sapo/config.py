@@ -444,7 +444,7 @@ def _validate_model(m: ModelConfig) -> None:
         )
 
 
-def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
+def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig, cp: int = 1, diagnostics_on: bool = False) -> None:
     from megatron_sapo.algo import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
 
     for key, registry, value in (
@@ -463,6 +463,12 @@ def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
     _require(a.tis_cap >= 0, "algo.tis_cap", f"must be >= 0 (0 = off), got {a.tis_cap}")
     if a.routing_replay != "none":
         _require(m.is_moe, "algo.routing_replay", "routing replay needs an MoE model (model.num_experts > 0)")
+    if a.routing_replay != "none" or diagnostics_on:
+        _require(
+            cp == 1,
+            "algo.routing_replay" if a.routing_replay != "none" else "diagnostics.router_every",
+            "routing capture and replay do not support context parallelism (parallel.cp > 1) yet",
+        )
     if a.routing_replay == "r3":
         _require(
             r.engine == "sglang",
@@ -525,7 +531,7 @@ def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the key and the rule; returns cfg for chaining."""
     _validate_model(cfg.model)
     _validate_parallel(cfg.model, cfg.parallel)
-    _validate_algo(cfg.algo, cfg.model, cfg.rollout)
+    _validate_algo(cfg.algo, cfg.model, cfg.rollout, cfg.parallel.cp, cfg.diagnostics.router_every > 0)
     _validate_batching(cfg)
     _validate_sglang(cfg.rollout.sglang)
     return cfg

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sapo.algo.advantages import ADVANTAGES
-from megatron_sapo.algo.aggregation import AGGREGATIONS, aggregate, count_sequences, masked_mean
-from megatron_sapo.algo.kl import KL_ESTIMATORS, kl_penalty
-from megatron_sapo.algo.losses import LOSS_HYPERS, POLICY_LOSSES, sapo_gate, sequence_log_ratio
-from megatron_sapo.algo.mismatch import mismatch_metrics, truncated_is_weights
+from .advantages import ADVANTAGES
+from .aggregation import AGGREGATIONS, aggregate, count_sequences, masked_mean
+from .kl import KL_ESTIMATORS, kl_penalty
+from .losses import LOSS_HYPERS, POLICY_LOSSES, sapo_gate, sequence_log_ratio
+from .mismatch import mismatch_metrics, truncated_is_weights
 
 __all__ = [
     "ADVANTAGES",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sapo.algo.registry import Registry
+from .registry import Registry
 
 ADVANTAGES = Registry("advantage estimator")
 

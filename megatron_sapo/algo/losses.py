@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sapo.algo.aggregation import masked_mean
-from megatron_sapo.algo.registry import Registry
+from .aggregation import masked_mean
+from .registry import Registry
 
 POLICY_LOSSES = Registry("policy loss")
 

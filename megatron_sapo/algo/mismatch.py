@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron_sapo.algo.aggregation import masked_mean
+from .aggregation import masked_mean
 
 
 def truncated_is_weights(old_log_probs, rollout_log_probs, loss_mask, cap, level="token"):

@@ -69,8 +69,6 @@ class RoutingHandle:
     def __init__(self, chunks: list, tcfg, par):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        if tcfg.context_parallel_size > 1:
-            raise NotImplementedError("routing capture/replay with context parallelism")
         self.num_layers, self.topk = tcfg.num_layers, tcfg.moe_router_topk
         self.moe_layers = [i for i, f in enumerate(_moe_layer_pattern(tcfg)) if f]
         self.par = par
@@ -91,8 +89,9 @@ class RoutingHandle:
 
     @classmethod
     def attach(cls, chunks: list, tcfg, par) -> RoutingHandle | None:
-        """A handle for an MoE model, None for a dense one."""
-        if not getattr(tcfg, "num_moe_experts", None):
+        """A handle for an MoE model; None for a dense one, and with context parallelism, whose token
+        order this module does not restore (config validation refuses replay and diagnostics there)."""
+        if not getattr(tcfg, "num_moe_experts", None) or tcfg.context_parallel_size > 1:
             return None
         return cls(chunks, tcfg, par)
 

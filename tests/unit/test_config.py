@@ -101,6 +101,8 @@ BAD = [
     (["algo.tis_cap=-2"], "algo.tis_cap", "must be >= 0"),
     (["algo.routing_replay=r2", "model.num_experts=0"], "algo.routing_replay", "needs an MoE model"),
     (["algo.routing_replay=r3"], "algo.routing_replay", "only rollout.engine=sglang"),
+    (["algo.routing_replay=r2", "parallel.cp=2", "parallel.ep=2"], "algo.routing_replay", "context parallelism"),
+    (["diagnostics.router_every=5", "parallel.cp=2"], "diagnostics.router_every", "context parallelism"),
     (["rollout.n=1"], "rollout.n", "need n >= 2"),
     (["rollout.prompts_per_step=0"], "rollout.prompts_per_step", "must be >= 1"),
     (["rollout.max_new_tokens=0"], "rollout.max_new_tokens", "must be >= 1"),
