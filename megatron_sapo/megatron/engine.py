@@ -13,6 +13,8 @@ DP ranks and then into micro-batches of train.micro_batch_size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -168,6 +170,11 @@ class MegatronEngine:
     def train_minibatch(self, batch: dict) -> dict[str, float]:
         """One optimizer step on the mini-batch; returns reduced metrics (same on every rank)."""
         metrics = self.forward_backward(batch)
+        if not math.isfinite(metrics["loss"]):
+            # Adam would write NaN into every weight: skip the update. The loss is reduced over all ranks, so
+            # they all agree; the gradient buffers are zeroed by the next forward_backward.
+            metrics.update(grad_norm=float("nan"), lr=optimizer.current_lr(self.optimizer), update_ok=0.0)
+            return metrics
         # Step k (1-based) runs at the schedule's LR of step k, so a warmup starts above 0.
         self.scheduler.step(1)
         ok, grad_norm, _ = self.optimizer.step()

@@ -122,3 +122,27 @@ def test_model_hf_path_sets_the_initial_weights(tmp_path):
             assert torch.equal(loaded[name], tensor), name
     finally:
         trainer.engine.shutdown()
+
+
+def test_nan_loss_skips_the_update_and_keeps_the_weights(tmp_path):
+    import torch
+
+    from megatron_sapo.megatron.engine import MegatronEngine
+
+    cfg = load_config("examples/tiny_moe_cpu.yaml", [f"run.dir={tmp_path}"])
+    engine = MegatronEngine(cfg)
+    try:
+        tokens = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+        batch = {"tokens": tokens, "loss_mask": torch.ones(8, 11), "advantages": torch.ones(8)}
+        batch["old_log_probs"] = engine.compute_log_probs(batch)
+        before = engine.global_state_dict()
+        bad = dict(batch, advantages=torch.tensor([1.0, float("nan")] * 4))
+        metrics = engine.train_minibatch(bad)
+        assert metrics["update_ok"] == 0.0 and not math.isfinite(metrics["loss"])
+        after = engine.global_state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        good = engine.train_minibatch(batch)  # training continues
+        assert good["update_ok"] == 1.0 and math.isfinite(good["loss"])
+        assert any(not torch.equal(before[k], v) for k, v in engine.global_state_dict().items())
+    finally:
+        engine.shutdown()
