@@ -254,22 +254,7 @@ class Trainer:
 
         batch, metrics = payload["batch"], payload["metrics"]
         start = time.perf_counter()
-        # --- routing replay / router diagnostics (megatron_sapo/megatron/routing.py, diagnostics/router.py)
-        router_due = _router_diagnostics_due(self.cfg, self.step + 1)
-        replay_mode, old_routing = self.cfg.algo.routing_replay, None
-        rollout_routing = batch.pop("rollout_routing", None)  # when the rollout engine reports it
-        replay = rollout_routing if replay_mode == "r3" else None  # r3: also for pi_old's pass
-        old_batch = batch if replay is None else dict(batch, replay_routing=replay)
-        if replay_mode == "r2" or router_due:
-            batch["old_log_probs"], old_routing = self.engine.compute_log_probs(old_batch, record_routing=True)
-        else:
-            batch["old_log_probs"] = self.engine.compute_log_probs(old_batch)
-        if self.reference is not None:  # the reference model routes freely
-            batch["ref_log_probs"] = self.reference.compute_log_probs(batch)
-        if replay_mode == "r2" and old_routing is not None:
-            replay = old_routing["ids"]
-        if replay is not None:
-            batch["replay_routing"] = replay  # every mini-batch update of this step replays it
+        old_routing, rollout_routing = self._old_log_probs(batch)
         metrics["time_old_logprob_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -279,26 +264,54 @@ class Trainer:
             fault_point("update", self.step + 1)  # after an optimizer step, before the step completes
         metrics["time_train_s"] = time.perf_counter() - start
         metrics.update(_merge_minibatch_metrics(per_minibatch))
-        if router_due:
-            from megatron_sapo.diagnostics.router import run_router_diagnostics
+        if _router_diagnostics_due(self.cfg, self.step + 1):
+            metrics.update(self._router_diagnostics(batch, old_routing, rollout_routing))
 
-            start = time.perf_counter()
-            rollout_ids = rollout_routing if replay_mode != "r3" else None  # vs pi_old's free routing
-            metrics.update(run_router_diagnostics(self.engine, batch, old_routing, replay_mode != "none", rollout_ids))
-            metrics["router/time_s"] = time.perf_counter() - start
+        if any(m.get("update_ok", 1.0) for m in per_minibatch):  # the weights moved: the rollout must follow
+            self.weight_version += 1
+            metrics["time_sync_s"] = self.sync_weights()
+            if self.is_rank0:  # SGLang's post-sync check: served vs trainer log-probs on a few sequences
+                metrics.update(getattr(self.rollout, "last_check", {}))
         if not all(m.get("update_ok", 1.0) for m in per_minibatch) or not math.isfinite(metrics["loss"]):
             return self._skipped("NaN loss or gradient", metrics)
-
         self.skipped_in_a_row = 0
-        self.weight_version += 1
-        metrics["time_sync_s"] = self.sync_weights()
-        if self.is_rank0:  # SGLang's post-sync check: served vs trainer log-probs on a few sequences
-            metrics.update(getattr(self.rollout, "last_check", {}))
         self.step += 1
         total_tokens = float(batch["loss_mask"].sum())
         elapsed = time.perf_counter() - t_step
         metrics.update(step=self.step, weight_version=self.weight_version, tokens_per_s=total_tokens / elapsed)
         return metrics if self.is_rank0 else {}
+
+    def _old_log_probs(self, batch: dict) -> tuple[dict | None, torch.Tensor | None]:
+        """pi_old's (and the reference's) log-probs into the batch, and the routing every update of this step
+        replays: r2 pi_old's own, r3 the rollout engine's (also in pi_old's pass). Returns pi_old's recorded
+        routing (when replay or diagnostics need it) and the rollout engine's routing (when reported)."""
+        mode = self.cfg.algo.routing_replay
+        rollout_routing = batch.pop("rollout_routing", None)
+        replay = rollout_routing if mode == "r3" else None
+        old_batch = batch if replay is None else dict(batch, replay_routing=replay)
+        old_routing = None
+        if mode == "r2" or _router_diagnostics_due(self.cfg, self.step + 1):
+            batch["old_log_probs"], old_routing = self.engine.compute_log_probs(old_batch, record_routing=True)
+        else:
+            batch["old_log_probs"] = self.engine.compute_log_probs(old_batch)
+        if self.reference is not None:  # the reference model routes freely
+            batch["ref_log_probs"] = self.reference.compute_log_probs(batch)
+        if mode == "r2" and old_routing is not None:
+            replay = old_routing["ids"]
+        if replay is not None:
+            batch["replay_routing"] = replay
+        return old_routing, rollout_routing
+
+    def _router_diagnostics(self, batch: dict, old_routing, rollout_routing) -> dict:
+        """The router-induced ratio-variance decomposition (diagnostics/router.py) on this step's batch."""
+        from megatron_sapo.diagnostics.router import run_router_diagnostics
+
+        start = time.perf_counter()
+        mode = self.cfg.algo.routing_replay
+        rollout_ids = rollout_routing if mode != "r3" else None  # compared with pi_old's free routing
+        out = run_router_diagnostics(self.engine, batch, old_routing, mode != "none", rollout_ids)
+        out["router/time_s"] = time.perf_counter() - start
+        return out
 
     def _rollout_routing(self, samples: list[Sample], width: int) -> torch.Tensor | None:
         from megatron_sapo.megatron.routing import collate_rollout_routing
