@@ -32,7 +32,8 @@ __all__ = [
 ]
 
 # Log-ratios beyond +-20 (a ratio of 5e8) only arise from broken inputs; clamping keeps exp finite.
-# The gate weight there is ~0 for SAPO and the clip is active for GRPO/GSPO, so no gradient is lost.
+# The gradient there is ~0 anyway: above +20 SAPO's gate weight vanishes and GRPO/GSPO clip; below -20 every
+# loss scales it by r < 2e-9.
 LOG_RATIO_CLAMP = 20.0
 _KNOWN_HYPERS = sorted({h for hypers in LOSS_HYPERS.values() for h in hypers})
 
