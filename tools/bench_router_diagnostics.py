@@ -20,25 +20,19 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from _bench_common import bench_clock, bench_moe_config  # noqa: E402 (tools/ is this script's folder)
+
 warnings.filterwarnings("ignore")
 
 
 def _config(args):
-    from megatron_sapo.config import Config
-
-    cfg = Config()
-    m = cfg.model
-    m.hidden_size, m.num_layers, m.num_attention_heads, m.vocab_size = args.hidden, args.layers, 4, args.vocab
-    m.num_experts, m.moe_topk, m.moe_ffn_hidden_size, m.ffn_hidden_size = 8, 2, args.hidden, 4 * args.hidden
-    m.max_seq_len = args.seq + 1
-    cfg.train.micro_batch_size = args.mbs
+    cfg = bench_moe_config(args, heads=4)
     cfg.algo.minibatches = args.minibatches
     cfg.diagnostics.max_sequences = args.max_sequences
     cfg.optim.lr = 1e-4
@@ -56,19 +50,12 @@ def _batch(args):
     return {"tokens": tokens, "loss_mask": mask, "advantages": torch.randn(n, generator=g)}
 
 
-def _clock():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return time.perf_counter()
-    return time.process_time()
-
-
 def _step(engine, batch, minibatches, diagnose: bool) -> tuple[float, float]:
     """(step time, of which diagnostics) for one trainer-like step."""
     from megatron_sapo.data.collate import minibatches as split
     from megatron_sapo.diagnostics.router import run_router_diagnostics
 
-    start = _clock()
+    start = bench_clock()
     batch = dict(batch)
     if diagnose:
         batch["old_log_probs"], old = engine.compute_log_probs(batch, record_routing=True)
@@ -76,11 +63,11 @@ def _step(engine, batch, minibatches, diagnose: bool) -> tuple[float, float]:
         batch["old_log_probs"] = engine.compute_log_probs(batch)
     for mb in split(batch, minibatches):
         engine.train_minibatch(mb)
-    mid = _clock()
+    mid = bench_clock()
     if diagnose:
         metrics = run_router_diagnostics(engine, batch, old)
         assert "router/var_logratio" in metrics
-    end = _clock()
+    end = bench_clock()
     return end - start, end - mid
 
 

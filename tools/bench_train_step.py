@@ -28,13 +28,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from _bench_common import bench_clock, bench_moe_config  # noqa: E402 (tools/ is this script's folder)
+
 warnings.filterwarnings("ignore")
 
 
@@ -42,15 +43,7 @@ warnings.filterwarnings("ignore")
 # 1. step time
 # ----------------------------------------------------------------------------------------------------------
 def _config(args):
-    from megatron_sapo.config import Config
-
-    cfg = Config()
-    m = cfg.model
-    m.hidden_size, m.num_layers, m.num_attention_heads, m.vocab_size = args.hidden, args.layers, 8, args.vocab
-    m.num_experts, m.moe_topk, m.moe_ffn_hidden_size, m.ffn_hidden_size = 8, 2, args.hidden, 4 * args.hidden
-    m.max_seq_len = args.seq + 1
-    cfg.train.micro_batch_size = args.mbs
-    return cfg
+    return bench_moe_config(args, heads=8)
 
 
 def _batch(args, engine):
@@ -96,17 +89,10 @@ def _bare_forward_backward(engine, batch):
 
 
 def _timed(fn) -> float:
-    """GPU: wall seconds. CPU: this process's CPU seconds (one intra-op thread, see bench_step): on a
-    shared machine, other processes' load inflates wall time by whole seconds but not our CPU time."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-    start = time.process_time()
+    """Seconds of fn by bench_clock (CPU time with one intra-op thread on CPU, see bench_step)."""
+    start = bench_clock()
     fn()
-    return time.process_time() - start
+    return bench_clock() - start
 
 
 def bench_step(args) -> dict:

@@ -1,0 +1,29 @@
+"""Pieces the engine benchmarks share: the tiny MoE they time, and a clock that other load cannot inflate."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def bench_moe_config(args, heads: int):
+    """An 8-expert top-2 MoE sized by the benchmark's --hidden/--layers/--vocab/--seq/--mbs options."""
+    from megatron_sapo.config import Config
+
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.num_layers, m.num_attention_heads, m.vocab_size = args.hidden, args.layers, heads, args.vocab
+    m.num_experts, m.moe_topk, m.moe_ffn_hidden_size, m.ffn_hidden_size = 8, 2, args.hidden, 4 * args.hidden
+    m.max_seq_len = args.seq + 1
+    cfg.train.micro_batch_size = args.mbs
+    return cfg
+
+
+def bench_clock() -> float:
+    """GPU: wall seconds (after a synchronize). CPU: this process's CPU seconds: on a shared machine, other
+    processes' load inflates wall time by whole seconds but not our CPU time."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
