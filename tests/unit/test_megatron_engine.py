@@ -10,6 +10,7 @@ import torch
 
 from megatron_sapo.config import Config, ModelConfig, OptimConfig, ParallelConfig
 from megatron_sapo.megatron import loss_glue, model
+from tests.batches import right_padded_batch
 
 
 def _config() -> Config:
@@ -21,13 +22,7 @@ def _config() -> Config:
 
 
 def _batch(n=4, s=20, vocab=512, seed=0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, vocab, (n, s), generator=g)
-    mask = torch.zeros(n, s - 1)
-    for i in range(n):
-        mask[i, 3 : 3 + 4 + 2 * i] = 1.0
-        tokens[i, 3 + 4 + 2 * i + 1 :] = 0  # right padding after the response
-    return {"tokens": tokens, "loss_mask": mask, "advantages": torch.randn(n, generator=g)}
+    return right_padded_batch(n, s, vocab, seed, response=4)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from megatron_sapo.config import Config
 from megatron_sapo.diagnostics.router import routing_changed, run_router_diagnostics
 from megatron_sapo.megatron.routing import REPLAY_KEY
+from tests.batches import right_padded_batch
 
 
 def _config(num_experts: int = 4) -> Config:
@@ -23,13 +24,7 @@ def _config(num_experts: int = 4) -> Config:
 
 
 def _batch(n=4, s=20, vocab=512, seed=0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, vocab, (n, s), generator=g)
-    mask = torch.zeros(n, s - 1)
-    for i in range(n):
-        mask[i, 3 : 3 + 6 + 2 * i] = 1.0
-        tokens[i, 3 + 6 + 2 * i + 1 :] = 0
-    return {"tokens": tokens, "loss_mask": mask, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])}
+    return right_padded_batch(n, s, vocab, seed, response=6, advantages=[1.0, -1.0, 0.5, -0.5])
 
 
 @pytest.fixture(scope="module")
