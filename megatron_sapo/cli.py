@@ -30,11 +30,17 @@ def _relaunch_with_torchrun(argv: list[str], world_size: int) -> int:
     return subprocess.call(cmd)
 
 
+def _relaunch_if_needed(cfg: Config, argv: list[str]) -> int | None:
+    """Run plainly with a layout of several processes: start them locally; returns their exit status."""
+    if cfg.parallel.world_size > 1 and not _launched_by_a_launcher():
+        return _relaunch_with_torchrun(argv, cfg.parallel.world_size)
+    return None
+
+
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
-    world = cfg.parallel.world_size
-    if world > 1 and not _launched_by_a_launcher():
-        return _relaunch_with_torchrun(argv, world)
+    if (rc := _relaunch_if_needed(cfg, argv)) is not None:
+        return rc
     from megatron_sapo.trainer import train
 
     train(cfg)
@@ -83,8 +89,8 @@ def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_diagnose(args: argparse.Namespace, argv: list[str]) -> int:
     """Router-variance decomposition between two checkpoints (megatron_sapo/diagnostics/diagnose.py)."""
     cfg = load_config(args.config, args.overrides)
-    if cfg.parallel.world_size > 1 and not _launched_by_a_launcher():
-        return _relaunch_with_torchrun(argv, cfg.parallel.world_size)
+    if (rc := _relaunch_if_needed(cfg, argv)) is not None:
+        return rc
     from megatron_sapo.diagnostics.diagnose import cmd_diagnose as run
 
     return run(cfg, args)
@@ -92,8 +98,8 @@ def cmd_diagnose(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_convert(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
-    if cfg.parallel.world_size > 1 and not _launched_by_a_launcher():
-        return _relaunch_with_torchrun(argv, cfg.parallel.world_size)
+    if (rc := _relaunch_if_needed(cfg, argv)) is not None:
+        return rc
     from megatron_sapo.convert import convert
 
     try:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megatron_sapo.config import Config
 from megatron_sapo.rollout.weights import hf_to_megatron, load_hf_state, megatron_to_hf, save_hf_checkpoint
-from megatron_sapo.run_state import is_complete
+from megatron_sapo.run_state import MARKER, is_complete
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
@@ -61,7 +61,7 @@ def convert(
             if dist.is_initialized():
                 dist.barrier()
             if rank0:
-                with open(os.path.join(to_checkpoint, "COMPLETE"), "w") as f:
+                with open(os.path.join(to_checkpoint, MARKER), "w") as f:  # no `latest`: not a run folder
                     f.write("ok\n")
                 print(f"wrote {to_checkpoint}")
     finally:
