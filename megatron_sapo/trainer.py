@@ -336,8 +336,7 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         history = []
-        if self.step == 0 or self.weight_version > 0:
-            self.sync_weights()
+        self.sync_weights()  # the rollout engine starts from the trainer's (initial or resumed) weights
         every = self.cfg.checkpoint.every
         while self.step < self.cfg.train.steps:
             metrics = self.train_step()
