@@ -52,6 +52,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_method_std: float = 0.02
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Activation recompute in training (megatron TransformerConfig fields of the same names). full: whole
+    # layers, chosen by recompute_method / recompute_num_layers; selective: the recompute_modules.
+    recompute_granularity: Literal["none", "full", "selective"] = "none"
+    recompute_method: Literal["uniform", "block"] = "uniform"  # full only
+    recompute_num_layers: int = 1  # full: layers per unit (uniform) / recomputed layers per stage (block)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective only
 
     @property
     def is_moe(self) -> bool:
@@ -68,6 +74,8 @@ class ParallelConfig:
     cp: int = 1
     dp: int = 1
     sp: bool = False  # sequence parallel (required with tp > 1 for MoE layers)
+    # CPU only: intra-op threads per rank; 0 = OMP_NUM_THREADS when set, else the cores / ranks on this node
+    cpu_threads: int = 0
 
     @property
     def world_size(self) -> int:
@@ -136,8 +144,9 @@ class DataConfig:
     weights: list[float] = field(default_factory=list)  # task-mixing weights, one per path
     synthetic_task: str = "copy"  # copy | reverse | add (megatron_sapo/data/synthetic.py)
     tokenizer: str | None = None  # HF tokenizer folder; None = model.hf_path's, else the tiny char tokenizer
-    max_prompt_len: int = 32
+    max_prompt_len: int = 32  # longer prompts are dropped and counted, never truncated
     prompt_key: str = "prompt"
+    image_tokens: int = 0  # tokens counted per image of a prompt toward max_prompt_len (the processor adds them)
 
 
 @dataclass
@@ -145,6 +154,7 @@ class TrainConfig:
     steps: int = 10
     seed: int = 1234
     micro_batch_size: int = 4  # sequences per micro-batch
+    logprob_micro_batch_size: int = 0  # for forward-only passes (old/ref log-probs); 0 = micro_batch_size
     max_skipped_steps: int = 3  # consecutive steps skipped for NaN rewards / losses before the run stops
 
 
@@ -174,6 +184,7 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb_project: str | None = None
     plots: bool = True
+    progress: bool = True  # tqdm bars for rollout and updates; drawn only when stderr is a terminal
 
 
 @dataclass
@@ -387,6 +398,7 @@ def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
         "parallel.pp",
         f"model.num_layers={m.num_layers} must be divisible by pp*vpp={chunks}",
     )
+    _require(p.cpu_threads >= 0, "parallel.cpu_threads", f"must be >= 0 (0 = automatic), got {p.cpu_threads}")
     if p.vpp is not None:
         _require(p.vpp >= 1, "parallel.vpp", f"must be >= 1, got {p.vpp}")
         _require(p.pp > 1, "parallel.vpp", "virtual pipeline needs pp > 1")
@@ -418,6 +430,28 @@ def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     else:
         _require(p.ep == 1, "parallel.ep", "expert parallelism needs an MoE model (model.num_experts > 0)")
     _require(not p.sp or p.tp > 1, "parallel.sp", "sequence parallel needs tp > 1")
+    _validate_recompute(m, p)
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts")
+
+
+def _validate_recompute(m: ModelConfig, p: ParallelConfig) -> None:
+    if m.recompute_granularity == "selective":
+        bad = sorted(set(m.recompute_modules) - set(RECOMPUTE_MODULES))
+        _require(not bad, "model.recompute_modules", f"{bad} not in {list(RECOMPUTE_MODULES)}")
+        _require(bool(m.recompute_modules), "model.recompute_modules", "selective recompute needs a module")
+    if m.recompute_granularity != "full":
+        return
+    per_stage = m.num_layers // (p.pp * (p.vpp or 1))
+    n = m.recompute_num_layers
+    _require(1 <= n <= per_stage, "model.recompute_num_layers", f"must be in [1, {per_stage}] (layers per stage)")
+    # megatron's uniform method checkpoints units of n layers and would run past the stage's last layer
+    _require(
+        m.recompute_method == "block" or per_stage % n == 0,
+        "model.recompute_num_layers",
+        f"with recompute_method=uniform it must divide the {per_stage} layers per pipeline stage, got {n}",
+    )
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -495,6 +529,7 @@ def _validate_batching(cfg: Config) -> None:
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _require(t.logprob_micro_batch_size >= 0, "train.logprob_micro_batch_size", "must be >= 0 (0: micro_batch_size)")
     samples = r.prompts_per_step * r.n
     per_minibatch, rem = divmod(samples, a.minibatches)
     _require(

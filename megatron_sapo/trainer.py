@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_sapo.algo import compute_advantages
 from megatron_sapo.config import Config, save_config
 from megatron_sapo.data.collate import collate_samples, minibatches
+from megatron_sapo.diagnostics.progress import progress_bar
 from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
 from megatron_sapo.rollout.base import Sample, SamplingParams
 from megatron_sapo.rollout.weights import megatron_to_hf
@@ -258,14 +259,15 @@ class Trainer:
         metrics["time_old_logprob_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        router = self._router_step(batch, old_routing, rollout_routing)  # None unless a diagnostic step
         per_minibatch = []
-        for mb in minibatches(batch, self.cfg.algo.minibatches):
-            per_minibatch.append(self.engine.train_minibatch(mb))
+        for k, mb in enumerate(minibatches(batch, self.cfg.algo.minibatches)):
+            per_minibatch.append(self._update(k, mb, router))
             fault_point("update", self.step + 1)  # after an optimizer step, before the step completes
-        metrics["time_train_s"] = time.perf_counter() - start
+        metrics["time_train_s"] = time.perf_counter() - start - (router.seconds if router is not None else 0.0)
         metrics.update(_merge_minibatch_metrics(per_minibatch))
         if _router_diagnostics_due(self.cfg, self.step + 1):
-            metrics.update(self._router_diagnostics(batch, old_routing, rollout_routing))
+            metrics.update(self._router_diagnostics(batch, old_routing, rollout_routing, router))
 
         if any(m.get("update_ok", 1.0) for m in per_minibatch):  # the weights moved: the rollout must follow
             self.weight_version += 1
@@ -302,15 +304,38 @@ class Trainer:
             batch["replay_routing"] = replay
         return old_routing, rollout_routing
 
-    def _router_diagnostics(self, batch: dict, old_routing, rollout_routing) -> dict:
-        """The router-induced ratio-variance decomposition (diagnostics/router.py) on this step's batch."""
+    def _router_step(self, batch: dict, old_routing, rollout_routing):
+        """At a router-diagnostic step of an MoE model, the per-mini-batch router diagnostics (built now, at
+        pi_old's weights: under r3 it runs pi_old's free-routing pass); None otherwise."""
+        from megatron_sapo.diagnostics.router import RouterStep
+
+        if old_routing is None or not _router_diagnostics_due(self.cfg, self.step + 1):
+            return None
+        return RouterStep(self.engine, batch, old_routing, self.cfg.algo.routing_replay, rollout_routing)
+
+    def _update(self, k: int, mb: dict, router) -> dict:
+        """Mini-batch update k; with `router`, its decomposition just before and its training routing."""
+        if router is None:
+            return self.engine.train_minibatch(mb)
+        router.before_update(k, mb)
+        metrics, train_routing = self.engine.train_minibatch(mb, record_routing=True)
+        router.after_update(k, mb, train_routing)
+        return metrics
+
+    def _router_diagnostics(self, batch: dict, old_routing, rollout_routing, router=None) -> dict:
+        """The router-induced ratio-variance decomposition (diagnostics/router.py) on this step's batch, plus
+        the per-mini-batch metrics `router` (RouterStep) gathered along the updates."""
         from megatron_sapo.diagnostics.router import run_router_diagnostics
 
         start = time.perf_counter()
         mode = self.cfg.algo.routing_replay
         rollout_ids = rollout_routing if mode != "r3" else None  # compared with pi_old's free routing
         out = run_router_diagnostics(self.engine, batch, old_routing, mode != "none", rollout_ids)
-        out["router/time_s"] = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if router is not None:
+            out.update(router.metrics())
+            seconds += router.seconds
+        out["router/time_s"] = seconds
         return out
 
     def _rollout_routing(self, samples: list[Sample], width: int) -> torch.Tensor | None:
@@ -337,16 +362,19 @@ class Trainer:
     def fit(self) -> list[dict]:
         history = []
         self.sync_weights()  # the rollout engine starts from the trainer's (initial or resumed) weights
-        every = self.cfg.checkpoint.every
-        while self.step < self.cfg.train.steps:
-            metrics = self.train_step()
-            if self.is_rank0:
-                self.writer.write(metrics)
-                history.append(metrics)
-                if self.step % self.cfg.logging.console_every == 0:
-                    print(console_line(metrics), flush=True)
-            if (every and self.step % every == 0) or self.step == self.cfg.train.steps:
-                self._save_checkpoint()
+        every, steps = self.cfg.checkpoint.every, self.cfg.train.steps
+        show = self.is_rank0 and self.cfg.logging.progress
+        with progress_bar(steps, "train", show, unit="step", initial=self.step) as bar:
+            while self.step < steps:
+                metrics = self.train_step()
+                if self.is_rank0:
+                    self.writer.write(metrics)
+                    history.append(metrics)
+                    bar.update(1)
+                    if self.step % self.cfg.logging.console_every == 0:
+                        bar.write(console_line(metrics))
+                if (every and self.step % every == 0) or self.step == steps:
+                    self._save_checkpoint()
         if self.is_rank0:
             self.writer.close()
             self._plot()

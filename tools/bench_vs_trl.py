@@ -144,8 +144,9 @@ def trl_config_kwargs(cfg, steps: int, output_dir: str) -> dict:
     }
 
 
-def our_overrides(steps: int, run_dir: str) -> list[str]:
-    return [f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.resume=none", "logging.plots=false"]
+def our_overrides(steps: int, run_dir: str, dp: int = 1) -> list[str]:
+    base = [f"train.steps={steps}", f"run.dir={run_dir}", "checkpoint.resume=none", "logging.plots=false"]
+    return base + ([f"parallel.dp={dp}"] if dp > 1 else [])
 
 
 def load_cfg(steps: int, run_dir: str):
@@ -320,7 +321,7 @@ def main_bench(args: argparse.Namespace) -> int:
         "progress": os.path.join(work, "trl_progress.jsonl"),
         "trl_dir": os.path.join(work, "trl"),
         "trl_summary": os.path.join(work, "trl_summary.json"),
-        "threads": os.cpu_count() or 1,  # what our trainer sets on gloo at world size 1 (parallel.py)
+        "threads": args.threads or os.cpu_count() or 1,  # intra-op threads per process, both sides
     }
     spec_path = os.path.join(work, "spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
@@ -343,7 +344,7 @@ def main_bench(args: argparse.Namespace) -> int:
     our_metrics = os.path.join(spec["our_dir"], "metrics.jsonl")
     commands = {
         "megatron_sapo": ([sys.executable, "-m", "megatron_sapo.cli", "train", CONFIG, *our_overrides(args.steps,
-                          spec["our_dir"])], our_metrics),
+                          spec["our_dir"], args.our_dp)], our_metrics),
         "trl": ([*me, "--worker", "trl", spec_path], spec["progress"]),
     }  # fmt: skip
     runs: dict[str, list[dict]] = {"megatron_sapo": [], "trl": []}
@@ -356,7 +357,10 @@ def main_bench(args: argparse.Namespace) -> int:
                 if os.path.exists(path):
                     os.remove(path)
             cmd, progress = commands[name]
-            result = run_side(name, cmd, progress, args.steps, os.path.join(work, f"{name}.log"), env)
+            side_env = env
+            if name == "megatron_sapo" and args.our_dp > 1:  # the same cores: threads split over our ranks
+                side_env = {**env, "OMP_NUM_THREADS": str(max(1, spec["threads"] // args.our_dp))}
+            result = run_side(name, cmd, progress, args.steps, os.path.join(work, f"{name}.log"), side_env)
             if name == "trl":
                 with open(spec["trl_summary"], encoding="utf-8") as f:
                     rewards = json.load(f)["reward_logs"]
@@ -378,6 +382,9 @@ def report(args, spec: dict, runs: dict, load_before: float) -> None:
     versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "megatron-core", "transformers", "trl"))
     print()
     print(f"machine: {cores}-core CPU ({platform.machine()}), no GPU; {versions}; torch threads {spec['threads']}")
+    if args.our_dp > 1:
+        threads = max(1, spec["threads"] // args.our_dp)
+        print(f"megatron_sapo: parallel.dp={args.our_dp} ({args.our_dp} processes x {threads} threads); TRL: 1 process")
     print(f"load average (1 min) before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (shared machines: noisy)")
     print(
         f"recipe: examples/tiny_moe_cpu.yaml, {args.steps} rollout steps per run (4 prompts x 8 samples, "
@@ -424,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating the order (best kept)")
     parser.add_argument("--trl-first", action="store_true", help="run TRL before megatron_sapo")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per process (default: the cores)")
+    parser.add_argument(
+        "--our-dp", type=int, default=1, help="our data-parallel ranks (processes; threads split between them)"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

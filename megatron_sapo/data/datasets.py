@@ -1,7 +1,13 @@
-"""Prompt files: JSONL (one JSON object per line) and Parquet (needs pyarrow), checked row by row.
+"""Prompt datasets: JSONL (one JSON object per line), Parquet (needs pyarrow) and Hugging Face `datasets`,
+checked row by row.
 
     rows = load_prompt_file("data/math.jsonl", prompt_key="prompt")
     rows[0]  # {"prompt": ..., "answer": ..., "task": "math", ...}; rows[i]["_line"] = where it came from
+
+With the `datasets` library installed, a path can also be
+    hf:NAME[:CONFIG][@SPLIT]   datasets.load_dataset(NAME, CONFIG, split=SPLIT or "train"): a hub name (cached
+                               or online) or a local folder of data files
+    a folder written by Dataset.save_to_disk (it holds dataset_info.json): datasets.load_from_disk
 
 Each row needs the prompt field (a non-empty string, or a list of chat messages {"role", "content"}), a
 "task" naming a registered reward (or a default task for the file), and the fields that task's verifier
@@ -54,8 +60,50 @@ def _read_parquet(path: str) -> list[dict]:
     return rows
 
 
+HF_PREFIX = "hf:"
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """'hf:NAME[:CONFIG][@SPLIT]' -> (NAME, CONFIG or None, SPLIT, default 'train')."""
+    body, _, split = spec[len(HF_PREFIX) :].partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise DataError(f"{spec}: expected hf:NAME[:CONFIG][@SPLIT], e.g. hf:openai/gsm8k:main@train")
+    return name, config or None, split or "train"
+
+
+def _read_hf(path: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: Hugging Face datasets need the datasets library (pip install datasets)") from None
+    try:
+        if path.startswith(HF_PREFIX):
+            name, config, split = parse_hf_spec(path)
+            table = datasets.load_dataset(name, config, split=split)
+        else:
+            table = datasets.load_from_disk(path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (missing split, offline, bad files)
+        raise DataError(f"{path}: datasets could not load it ({type(e).__name__}: {e})") from None
+    if isinstance(table, datasets.DatasetDict):
+        raise DataError(f"{path}: holds several splits ({', '.join(table)}); name one: hf:<folder>@<split>")
+    rows = table.to_list()
+    for i, row in enumerate(rows, start=1):
+        row[WHERE_KEY] = f"{path}, row {i}"
+    return rows
+
+
 def read_rows(path: str) -> list[dict]:
-    """All rows of a .jsonl/.json-lines or .parquet file, each tagged with WHERE_KEY. Raises DataError."""
+    """All rows of a .jsonl/.json-lines or .parquet file, an hf: spec or a save_to_disk folder, each tagged
+    with WHERE_KEY. Raises DataError."""
+    is_saved_dataset = os.path.isfile(os.path.join(path, "dataset_info.json"))
+    if path.startswith(HF_PREFIX) or is_saved_dataset:
+        rows = _read_hf(path)
+        if not rows:
+            raise DataError(f"{path}: the dataset is empty (no rows)")
+        return rows
     if not os.path.isfile(path):
         raise DataError(f"prompt dataset not found: {path}")
     lower = path.lower()

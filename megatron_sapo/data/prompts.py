@@ -11,7 +11,8 @@ special tokens); a list of messages is templated as is. Without a template the r
 the tokenizer's own special tokens (a list of messages is then an error). Prompts longer than
 max_prompt_len tokens are dropped, counted and logged, never truncated; a source left with no rows is an
 error. Images ("images": list, or "image": one) are carried through on Prompt.images for a multimodal
-engine; their tokens are not counted here (the processor adds them).
+engine; the processor adds their tokens later, so the length check counts data.image_tokens per image (a
+budget: Qwen-VL style processors emit a resolution-dependent number, capped by their max_pixels).
 """
 
 from __future__ import annotations
@@ -70,19 +71,24 @@ def _images(row: dict) -> list | None:
     return None
 
 
-def make_prompts(rows: list[dict], source: str, tokenizer, max_prompt_len: int, prompt_key: str = "prompt"):
-    """Render and tokenize validated rows; returns (prompts that fit, number dropped as too long)."""
+def make_prompts(
+    rows: list[dict], source: str, tokenizer, max_prompt_len: int, prompt_key: str = "prompt", image_tokens: int = 0
+):
+    """Render and tokenize validated rows; returns (prompts that fit, number dropped as too long). A prompt's
+    length is its tokens plus `image_tokens` per image."""
     prompts, dropped, longest = [], 0, None
     for i, row in enumerate(rows):
         where = row.get(WHERE_KEY, f"{source}, row {i + 1}")
         text, templated = render_prompt(tokenizer, row[prompt_key], where)
         ids = encode(tokenizer, text, add_special_tokens=not templated)
-        if len(ids) > max_prompt_len:
+        images = _images(row)
+        length = len(ids) + image_tokens * len(images or ())
+        if length > max_prompt_len:
             dropped += 1
-            if longest is None or len(ids) > longest[0]:
-                longest = (len(ids), where)
+            if longest is None or length > longest[0]:
+                longest = (length, where)
             continue
-        prompts.append(Prompt(text, ids, row["task"], row, source, i, _images(row)))
+        prompts.append(Prompt(text, ids, row["task"], row, source, i, images))
     if dropped:
         log.warning(
             "%s: dropped %d of %d prompts longer than max_prompt_len=%d tokens (longest: %d tokens, %s)",
@@ -142,6 +148,7 @@ def build_prompt_source(
     default_task: str | None = None,
     synthetic_task: str = "copy",
     synthetic_size: int = 4096,
+    image_tokens: int = 0,
 ) -> PromptSource:
     """Prompt files mixed by `weights` (default: proportional to their sizes after dropping), or, when
     `paths` is empty, `synthetic_size` rows of the synthetic task (generated from `seed`)."""
@@ -151,7 +158,7 @@ def build_prompt_source(
     if paths:
         for path in paths:
             rows = load_prompt_file(path, prompt_key=prompt_key, default_task=default_task)
-            kept, n_dropped = make_prompts(rows, path, tokenizer, max_prompt_len, prompt_key)
+            kept, n_dropped = make_prompts(rows, path, tokenizer, max_prompt_len, prompt_key, image_tokens)
             sources.append(path)
             prompts.append(kept)
             dropped.append(n_dropped)
@@ -176,4 +183,5 @@ def build_prompt_source_from_config(data_cfg, tokenizer, seed: int) -> PromptSou
         default_task=getattr(data_cfg, "default_task", None),
         synthetic_task=data_cfg.synthetic_task,
         synthetic_size=getattr(data_cfg, "synthetic_size", 4096),
+        image_tokens=getattr(data_cfg, "image_tokens", 0),
     )

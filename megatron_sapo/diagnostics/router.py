@@ -11,10 +11,15 @@ var_logratio = var_route + var_weight + 2 * cov_route_weight exactly.
 
 The math (`router_metrics`) is pure torch on full-batch tensors, which the engine hands identically to every
 rank, so the metrics do not depend on the parallel layout. `run_router_diagnostics` drives the two extra
-forward-only passes through the engine.
+forward-only passes through the engine; `RouterStep` adds, along a step's mini-batch updates, the
+decomposition per mini-batch index and the training forward's routing change (names in its docstring:
+CONTRACT.md fixes only the whole-step and per-layer router/ names, so the per-index ones extend them the
+way the trainer names its other per-index metrics, minibatch{k}/...).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -130,6 +135,29 @@ def sample_rows(n: int, max_sequences: int, multiple: int) -> int:
     return rows if rows > 0 else min(n, multiple)
 
 
+def _rows(routing: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if torch.is_tensor(v) else v) for k, v in routing.items()}
+
+
+def _sample(engine, batch: dict) -> tuple[int, dict]:
+    """The leading rows one decomposition uses (diagnostics.max_sequences, a multiple of dp * micro-batch
+    size) and the batch keys its passes need (no replay_routing: each pass says its own routing)."""
+    cfg = engine.cfg
+    rows = sample_rows(
+        batch["tokens"].shape[0], cfg.diagnostics.max_sequences, engine.par.dp * cfg.train.micro_batch_size
+    )
+    return rows, {k: batch[k][:rows] for k in ("tokens", "loss_mask", "advantages")}
+
+
+def _passes(engine, sub: dict, old_ids: torch.Tensor, replay: bool, record: bool = True):
+    """pi_theta's log-probs (free routing, or pi_old's when `replay`), its routing when `record`, and the
+    log-probs with pi_old's routing replayed: the two extra forward-only passes of a decomposition."""
+    replayed = dict(sub, **{REPLAY_KEY: old_ids})
+    theta = engine.compute_log_probs(replayed if replay else sub, record_routing=record)
+    lp_theta, new = theta if record else (theta, None)
+    return lp_theta, new, engine.compute_log_probs(replayed)
+
+
 def run_router_diagnostics(
     engine, batch: dict, old_routing: dict | None, replay: bool = False, rollout_ids: torch.Tensor | None = None
 ) -> dict:
@@ -141,15 +169,9 @@ def run_router_diagnostics(
     if old_routing is None or engine.routing is None:
         return {}
     cfg = engine.cfg
-    rows = sample_rows(
-        batch["tokens"].shape[0], cfg.diagnostics.max_sequences, engine.par.dp * cfg.train.micro_batch_size
-    )
-    keys = ("tokens", "loss_mask", "advantages")
-    sub = {k: batch[k][:rows] for k in keys}
-    old = {k: (v[:rows] if torch.is_tensor(v) else v) for k, v in old_routing.items()}
-    replayed = dict(sub, **{REPLAY_KEY: old["ids"]})
-    lp_theta, new = engine.compute_log_probs(replayed if replay else sub, record_routing=True)
-    lp_replay = engine.compute_log_probs(replayed)
+    rows, sub = _sample(engine, batch)
+    old = _rows(old_routing, 0, rows)
+    lp_theta, new, lp_replay = _passes(engine, sub, old["ids"], replay)
     a = cfg.algo
     tau = (a.tau_pos, a.tau_neg) if a.loss == "sapo" else None
     return router_metrics(
@@ -164,3 +186,65 @@ def run_router_diagnostics(
         sapo_tau=tau,
         rollout_ids=rollout_ids[:rows] if rollout_ids is not None else None,
     )
+
+
+def rollout_vs_free_routing(engine, batch: dict, rollout_ids: torch.Tensor) -> dict:
+    """router/layer{i}/rollout_change_rate from one free-routing forward-only pass of the current weights (call
+    it at pi_old's weights) on the leading sample: for r3, where pi_old's own pass replays the rollout's
+    routing and so never shows the trainer's free routing."""
+    rows, sub = _sample(engine, batch)
+    _, free = engine.compute_log_probs(sub, record_routing=True)
+    rates = rollout_change_rates(rollout_ids[:rows], free["ids"], sub["loss_mask"], free["moe_layers"])
+    return {f"router/{k}": v for k, v in rates.items()}
+
+
+class RouterStep:
+    """A diagnostic step's router metrics beyond the whole-step decomposition. Build it at pi_old's weights
+    (after the old-log-prob pass), then call before_update / after_update around each mini-batch update:
+      router/minibatch{k}/{var_logratio,var_route,var_weight,cov_route_weight,share}: the decomposition on a
+          sample of mini-batch k at the weights its update sees (k optimizer steps after pi_old: the
+          off-policy depth; k = 0 is on-policy, all 0);
+      router/minibatch{k}/train_change_rate, router/layer{i}/train_change_rate: the fraction of loss tokens
+          (x MoE layers) whose top-k set in the training forward differs from pi_old's pass (0 under replay);
+      router/layer{i}/rollout_change_rate under r3 (rollout_vs_free_routing).
+    `seconds`: time spent in the extra passes (not training time)."""
+
+    def __init__(self, engine, batch: dict, old_routing: dict, mode: str, rollout_ids: torch.Tensor | None):
+        self.engine, self.old, self.replay = engine, old_routing, mode != "none"
+        self.layers = list(old_routing["moe_layers"])
+        self.out: dict[str, torch.Tensor] = {}
+        self.changed, self.tokens, self.offset = torch.zeros(len(self.layers), dtype=torch.float64), 0.0, 0
+        start = time.perf_counter()
+        if mode == "r3" and rollout_ids is not None:
+            self.out.update(rollout_vs_free_routing(engine, batch, rollout_ids))
+        self.seconds = time.perf_counter() - start
+
+    def before_update(self, k: int, mb: dict) -> None:
+        """The decomposition of mini-batch k (rows offset.. of the step's batch) at the current weights."""
+        start = time.perf_counter()
+        rows, sub = _sample(self.engine, mb)
+        old = _rows(self.old, self.offset, self.offset + rows)
+        lp_theta, _, lp_replay = _passes(self.engine, sub, old["ids"], self.replay, record=False)
+        d = decompose(lp_theta, lp_replay, mb["old_log_probs"][:rows], sub["loss_mask"])
+        self.out.update({f"router/minibatch{k}/{name}": v for name, v in d.items()})
+        self.seconds += time.perf_counter() - start
+
+    def after_update(self, k: int, mb: dict, train_routing: dict) -> None:
+        """Compare update k's training-forward routing with pi_old's on all of mini-batch k's loss tokens."""
+        n = mb["tokens"].shape[0]
+        old_ids = self.old["ids"][self.offset : self.offset + n][..., self.layers, :]
+        changed = routing_changed(old_ids, train_routing["ids"][..., self.layers, :]).double()
+        mask = mb["loss_mask"].double()
+        per_layer = (changed * mask.unsqueeze(-1)).sum((0, 1))
+        self.out[f"router/minibatch{k}/train_change_rate"] = per_layer.mean() / mask.sum().clamp_min(1.0)
+        self.changed += per_layer
+        self.tokens += float(mask.sum())
+        self.offset += n
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.out)
+        for i, layer in enumerate(self.layers):
+            out[f"router/layer{layer}/train_change_rate"] = self.changed[i] / max(self.tokens, 1.0)
+        names = list(out)
+        values = torch.stack([torch.as_tensor(out[k]).double() for k in names]).tolist() if names else []
+        return dict(zip(names, values))

@@ -13,7 +13,7 @@ Rules every patch follows:
 - it keeps the original callable in `_ORIGINALS[name]` so tests can prove the patch changes behaviour.
 
 Measured overhead: the only global patch with a per-call cost is `cuda_device_args` (a
-TorchFunctionMode); see its docstring.
+TorchFunctionMode); the hot paths suspend it (device_args_suspended); see its docstring.
 """
 
 from __future__ import annotations
@@ -187,16 +187,54 @@ class _CudaArgsToCpu(torch.overrides.TorchFunctionMode):
 _DEVICE_MODE: _CudaArgsToCpu | None = None
 
 
+@contextlib.contextmanager
+def device_args_suspended():
+    """Run a hot path without the `cuda_device_args` mode: the model forward (loss_glue) and in-process
+    generation (rollout/local.py) reach no `device="cuda"` literal once `default_causal_mask` is patched,
+    and every torch call they make would otherwise pay one Python call (~15-20% of a tiny CPU RL step,
+    measured with tools/bench_vs_trl.py). A literal that is reached anyway raises "Torch not compiled with
+    CUDA enabled": loud, never a silent change. Suspends only when the mode is the innermost one."""
+    from torch.overrides import _get_current_function_mode
+
+    mode = _DEVICE_MODE
+    if mode is None or _get_current_function_mode() is not mode:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
 def _patch_cuda_device_args() -> None:
     """megatron-core writes `device="cuda"` literally in ~40 places we reach: the schedules' token counter
     (`total_num_tokens = torch.zeros(..., device="cuda")` in every forward_backward_*), the optimizer's
-    found-inf / scale tensors, clip_grads' norm tensor, the default causal mask, dist_checkpointing's
-    exchange buffers. They sit inside long functions, so there is no narrower hook than a torch function
-    mode, entered once for the process. Why it is safe: see _CudaArgsToCpu. Cost: one Python call per torch
-    function call (measured by tools/bench_train_step.py, which runs both sides of its ratio under it)."""
+    found-inf / scale tensors, clip_grads' norm tensor, dist_checkpointing's exchange buffers. They sit
+    inside long functions, so there is no narrower hook than a torch function mode, entered once for the
+    process. Why it is safe: see _CudaArgsToCpu. Cost: one Python call per torch function call, so the
+    model forward and in-process generation run with it suspended (device_args_suspended)."""
     global _DEVICE_MODE
     _DEVICE_MODE = _CudaArgsToCpu()
     _DEVICE_MODE.__enter__()
+
+
+def _patch_recompute_device_args() -> None:
+    """Activation recompute (model.recompute_granularity) reruns a layer's forward inside
+    `CheckpointFunction.backward`, which the autograd engine calls from `torch.autograd.backward`. That call
+    itself went through the cuda_device_args mode, and a mode is switched off while it handles a call, so
+    the recomputed forward met `device="cuda"` literals unpatched (the default causal mask). The backward
+    runs with the mode pushed again. Needs cuda_device_args first; 0.16.1 and 0.19 (same class)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    backward = mrandom.CheckpointFunction.backward
+    _ORIGINALS["recompute_device_args"] = backward
+
+    def backward_with_mode(ctx, *args):
+        with _DEVICE_MODE:
+            return backward(ctx, *args)
+
+    mrandom.CheckpointFunction.backward = staticmethod(backward_with_mode)
 
 
 class _CudaTypeStrings(torch.overrides.TorchFunctionMode):
@@ -257,6 +295,24 @@ _TE_MOE_NAMES = (
     "fused_unpermute",
     "te_general_gemm",
 )
+
+
+def _patch_default_causal_mask() -> None:
+    """The local spec's softmax builds its causal mask with `torch.ones(sq, sq, device="cuda")`
+    (transformer/utils.py get_default_causal_mask, imported by name into fusions/fused_softmax.py). The
+    device mode would rewrite it, but the model forward runs with that mode suspended (see
+    device_args_suspended), so the mask is built on the CPU here: the same upper-triangular bool mask."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    _ORIGINALS["default_causal_mask"] = utils.get_default_causal_mask
+
+    @functools.lru_cache(maxsize=32)
+    def cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    utils.get_default_causal_mask = cpu_causal_mask
+    fused_softmax.get_default_causal_mask = cpu_causal_mask
 
 
 def _patch_moe_te_names() -> None:
@@ -403,12 +459,14 @@ PATCHES: dict[str, Callable[[], None]] = {
     "cuda_streams": _patch_cuda_streams,
     "cuda_rng": _patch_cuda_rng,
     "cuda_type_strings": _patch_cuda_type_strings,
+    "default_causal_mask": _patch_default_causal_mask,
     "moe_te_names": _patch_moe_te_names,
     "moe_split_sizes": _patch_moe_split_sizes,
     "torch_norm_sequence_parallel": _patch_torch_norm_sequence_parallel,
     "gloo_uneven_gather": _patch_gloo_uneven_gather,
     "distopt_checkpoint": _patch_distopt_checkpoint,
     "cuda_device_args": _patch_cuda_device_args,
+    "recompute_device_args": _patch_recompute_device_args,  # after cuda_device_args: uses its mode
 }
 
 

@@ -53,9 +53,9 @@ class MegatronEngine:
     # ------------------------------------------------------------------------------------------------------
     # batches
     # ------------------------------------------------------------------------------------------------------
-    def _local(self, batch: dict) -> dict:
+    def _local(self, batch: dict, mbs: int) -> dict:
         """This DP rank's contiguous block of sequences."""
-        n, dp, mbs = batch["tokens"].shape[0], self.par.dp, self.cfg.train.micro_batch_size
+        n, dp = batch["tokens"].shape[0], self.par.dp
         if n % dp or (n // dp) % mbs:
             raise ValueError(f"batch of {n} sequences must split over dp={dp} into micro-batches of {mbs}")
         rows = slice(self.par.dp_rank * (n // dp), (self.par.dp_rank + 1) * (n // dp))
@@ -101,7 +101,8 @@ class MegatronEngine:
         [N, S-1, L, K], when present, forces that routing (routing.py)."""
         n, seq = batch["tokens"].shape
         length = self._length(batch)
-        mbs = self._microbatches(batch, length)
+        size = self._forward_only_micro_batch_size(n)
+        mbs = self._microbatches(batch, length, size)
         for m in self.model:
             m.eval()
         step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy)
@@ -113,19 +114,26 @@ class MegatronEngine:
         keys = ("log_probs", "entropy") if with_entropy else ("log_probs",)
         results = tuple(self._gather_rows(outputs, key, n, seq, length) for key in keys)
         if record_routing:
-            mbs_size = self.cfg.train.micro_batch_size
-            results += (self.routing.collect(n, seq, length, mbs_size) if self.routing is not None else None,)
+            results += (self.routing.collect(n, seq, length, size) if self.routing is not None else None,)
         if self.routing is not None:
             self.routing.end()
         return results if len(results) > 1 else results[0]
 
-    def _microbatches(self, batch: dict, length: int) -> list:
-        local = self._local(batch)
-        mbs = loss_glue.make_microbatches(local, self.cfg.train.micro_batch_size, length)
+    def _microbatches(self, batch: dict, length: int, size: int | None = None) -> list:
+        size = size or self.cfg.train.micro_batch_size
+        local = self._local(batch, size)
+        mbs = loss_glue.make_microbatches(local, size, length)
         if local.get(routing.REPLAY_KEY) is not None and self.routing is not None:
-            size, topk = self.cfg.train.micro_batch_size, self.tcfg.moe_router_topk
-            routing.attach_replay(mbs, local[routing.REPLAY_KEY], size, length, topk)
+            routing.attach_replay(mbs, local[routing.REPLAY_KEY], size, length, self.tcfg.moe_router_topk)
         return mbs
+
+    def _forward_only_micro_batch_size(self, n: int) -> int:
+        """train.logprob_micro_batch_size (0: train.micro_batch_size) for forward-only passes: they keep no
+        activations for a backward, so fewer, larger micro-batches cost less per sequence. Capped at the
+        largest divisor of this rank's share of the batch (diagnostics pass a subsample)."""
+        t = self.cfg.train
+        want, local = t.logprob_micro_batch_size or t.micro_batch_size, n // self.par.dp
+        return max(d for d in range(1, min(want, local) + 1) if local % d == 0)
 
     def _gather_rows(self, outputs: list, key: str, n: int, seq: int, length: int) -> torch.Tensor:
         """[N, S-1] on every rank from the last stage's micro-batch outputs of each DP rank."""
@@ -145,9 +153,10 @@ class MegatronEngine:
         out[:, :width] = full[:, :width]
         return out
 
-    def forward_backward(self, batch: dict) -> dict[str, float]:
+    def forward_backward(self, batch: dict, record_routing: bool = False):
         """Gradients of the mini-batch loss in the DDP grad buffers (`param.main_grad`, reduced over DP), no
-        optimizer step; returns the reduced metrics. train_minibatch = this + the step."""
+        optimizer step; returns the reduced metrics. train_minibatch = this + the step. With
+        `record_routing`: (metrics, the routing this training forward used, as compute_log_probs gives it)."""
         batch = self._with_is_weights(batch)
         denominators = loss_glue.global_denominators(batch["loss_mask"])
         length = self._length(batch)
@@ -156,7 +165,15 @@ class MegatronEngine:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         forward_step = loss_glue.policy_forward_step(self.loss_spec, self.head, denominators, len(mbs), self.par.dp)
+        if self.routing is not None:
+            self.routing.begin(record_routing, training=True)
         per_mb = self._run(forward_step, mbs, length, forward_only=False)
+        routing_used = None
+        if self.routing is not None:
+            if record_routing:
+                n, seq = batch["tokens"].shape
+                routing_used = self.routing.collect(n, seq, length, self.cfg.train.micro_batch_size)
+            self.routing.end()
         metrics = loss_glue.reduce_metrics(
             per_mb,
             self.par.dp_group,
@@ -165,11 +182,17 @@ class MegatronEngine:
             self.par.is_last_stage,
         )
         metrics.update(self._mismatch_metrics(batch))
-        return metrics
+        return (metrics, routing_used) if record_routing else metrics
 
-    def train_minibatch(self, batch: dict) -> dict[str, float]:
-        """One optimizer step on the mini-batch; returns reduced metrics (same on every rank)."""
-        metrics = self.forward_backward(batch)
+    def train_minibatch(self, batch: dict, record_routing: bool = False):
+        """One optimizer step on the mini-batch; returns reduced metrics (same on every rank). With
+        `record_routing`: (metrics, the routing of the training forward), see forward_backward."""
+        if record_routing:
+            metrics, routing_used = self.forward_backward(batch, record_routing=True)
+            return self._optimizer_step(metrics), routing_used
+        return self._optimizer_step(self.forward_backward(batch))
+
+    def _optimizer_step(self, metrics: dict) -> dict[str, float]:
         if not math.isfinite(metrics["loss"]):
             # Adam would write NaN into every weight: skip the update. The loss is reduced over all ranks, so
             # they all agree; the gradient buffers are zeroed by the next forward_backward.

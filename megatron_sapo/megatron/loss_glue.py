@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_sapo.megatron import compat
+
 # How each metric of compute_policy_loss combines across micro-batches and ranks; any other name is taken
 # to be a mean over this batch's loss tokens and is token-weighted.
 _MAX_METRICS = ("ratio_max",)
@@ -166,7 +168,8 @@ def _forward_step(loss_func, data_iterator, model):
     mb = _to_device(next(data_iterator))
     # attention_mask None: the layer spec's causal mask; right padding sits after every loss token.
     # labels: the last stage returns log-probs through the LogProbHead (see logprobs.py).
-    output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+    with compat.device_args_suspended():  # the forward reaches no "cuda" literal: skip the per-op rewrite
+        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
     return output, functools.partial(loss_func, mb)
 
 

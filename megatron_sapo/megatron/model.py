@@ -46,6 +46,18 @@ def check_moe_layout(mcfg: ModelConfig, pcfg: ParallelConfig) -> None:
         )
 
 
+def recompute_kwargs(mcfg: ModelConfig) -> dict:
+    """model.recompute_* -> megatron's activation-recompute fields (routing replay serves the recomputed
+    router calls the forward's routing: megatron/routing.py)."""
+    g = mcfg.recompute_granularity
+    if g == "none":
+        return {}
+    if g == "selective":  # megatron: no method / layer count with selective
+        return dict(recompute_granularity=g, recompute_modules=list(mcfg.recompute_modules))
+    return dict(recompute_granularity=g, recompute_method=mcfg.recompute_method,
+                recompute_num_layers=mcfg.recompute_num_layers)  # fmt: skip
+
+
 def build_transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, batch_p2p_comm: bool = True, **extra):
     """megatron TransformerConfig for this model and layout. `extra` overrides any field (tests, replay)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -88,6 +100,7 @@ def build_transformer_config(mcfg: ModelConfig, pcfg: ParallelConfig, *, batch_p
         # Freeing pipeline outputs early is a GPU memory optimisation; on CPU the spike ran without it.
         deallocate_pipeline_outputs=on_gpu,
     )
+    kwargs.update(recompute_kwargs(mcfg))
     if mcfg.is_moe:
         kwargs.update(
             num_moe_experts=mcfg.num_experts,

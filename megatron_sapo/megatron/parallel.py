@@ -98,10 +98,15 @@ class ParallelState:
             dist.destroy_process_group()
 
 
-def _set_cpu_threads(world_size: int) -> None:
-    # Several ranks on a few cores: one intra-op pool each, sized so they don't oversubscribe the cores.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+def _set_cpu_threads(world_size: int, threads: int = 0) -> None:
+    """Intra-op threads: `threads` when > 0; else OMP_NUM_THREADS when set (torch already read it); else
+    the cores shared by this node's ranks, so that they don't oversubscribe the cores. Oversubscription is
+    costly: with 2 threads on 2 busy cores, one tiny-MoE optimizer step took 214 ms instead of 12 ms."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
 
 
 def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
@@ -119,7 +124,7 @@ def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
         )
     backend = backend_name()
     if backend == "gloo":
-        _set_cpu_threads(world)
+        _set_cpu_threads(world, pcfg.cpu_threads)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=pcfg.tp,
         pipeline_model_parallel_size=pcfg.pp,

@@ -13,6 +13,13 @@ A slot, per forward of a micro-batch:
   * otherwise the default top-k (free routing);
   * record: keeps the ids used, the normalised top-k probabilities and the router entropy.
 
+Activation recompute (model.recompute_granularity): megatron's tensor_parallel.checkpoint runs a layer's
+forward under no_grad and again, with grad, during backward. In a training pass a slot keeps the ids each
+checkpointed forward used (per slot, in micro-batch order) and the recomputed forward takes them back
+(backward visits a layer's micro-batches in forward order, also under 1F1B / interleaved pipelining, where
+`current` already names a later micro-batch): the recompute routes exactly as the forward did, replayed or
+free, and records nothing. (Transformer Engine's te_checkpoint, used only with fp8 / fp4, is not covered.)
+
 Routing tensors use the batch's layout: ids [N, S-1, L, K] (L = num_layers of the model, global 0-based
 layer index; -1 where a layer is dense or a position was not routed), aligned with log-prob index t (the
 routing of input token tokens[:, t]). Capture restores that order from what each rank routes: a token
@@ -35,9 +42,17 @@ class _Slot:
         self.handle, self.chunk, self.layer = handle, chunk, layer
         cfg = router.config
         self.softmax_logits = router.score_function == "softmax" and not cfg.moe_router_pre_softmax
+        self.pending: list[torch.Tensor] = []  # ids of checkpointed forwards whose recompute is still due
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         h = self.handle
+        checkpointed = h.training and h.is_checkpointing()
+        if checkpointed and torch.is_grad_enabled():  # the recompute during backward (module docstring)
+            if not self.pending:
+                raise RuntimeError(f"layer {self.layer}: activation recompute without a recorded forward")
+            ids = self.pending.pop(0).to(scores.device)
+            h.recomputed += 1
+            return scores.gather(1, ids), ids
         mb_index, mb = h.current.get(self.chunk, (None, None))
         target = mb.get(REPLAY_KEY) if mb is not None else None
         if target is not None:
@@ -45,6 +60,8 @@ class _Slot:
             values = scores.gather(1, ids)
         else:
             values, ids = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        if checkpointed:  # its first forward (no_grad inside the checkpoint): the recompute will want these
+            self.pending.append(ids.detach())
         if h.recording and mb_index is not None:
             with torch.no_grad():
                 s = scores.detach().float()
@@ -67,8 +84,10 @@ class RoutingHandle:
     """Routing capture / replay for one model (all its local chunks). Build with `attach`."""
 
     def __init__(self, chunks: list, tcfg, par):
+        from megatron.core.tensor_parallel.random import is_checkpointing
         from megatron.core.transformer.moe.router import TopKRouter
 
+        self.is_checkpointing = is_checkpointing
         self.num_layers, self.topk = tcfg.num_layers, tcfg.moe_router_topk
         self.moe_layers = [i for i, f in enumerate(_moe_layer_pattern(tcfg)) if f]
         self.par = par
@@ -84,8 +103,9 @@ class RoutingHandle:
                     module.router_replay = slot  # the seam: see the module docstring
                     self.slots.append(slot)
         self.current: dict[int, tuple[int, dict]] = {}
-        self.recording = False
+        self.recording = self.training = False
         self.records: list = []
+        self.recomputed = 0  # router calls served to activation recompute in the current pass
 
     @classmethod
     def attach(cls, chunks: list, tcfg, par) -> RoutingHandle | None:
@@ -111,11 +131,17 @@ class RoutingHandle:
         self.current.pop(chunk, None)
 
     # -- a pass -------------------------------------------------------------------------------------------
-    def begin(self, record: bool) -> None:
-        self.recording, self.records, self.current = record, [], {}
+    def begin(self, record: bool, training: bool = False) -> None:
+        """Start a pass: `record` its routing; `training`: a forward-backward (recompute may follow)."""
+        self.recording, self.training, self.records, self.current = record, training, [], {}
+        self.recomputed = 0
+        for slot in self.slots:
+            slot.pending = []
 
     def end(self) -> None:
-        self.recording, self.current = False, {}
+        self.recording, self.training, self.current = False, False, {}
+        for slot in self.slots:
+            slot.pending = []
 
     def collect(self, n: int, seq: int, length: int, micro_batch_size: int) -> dict:
         """The recorded routing of the pass as full-batch tensors on every rank: ids [N, S-1, L, K] (int16,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_sapo.config import ModelConfig
+from megatron_sapo.megatron.compat import device_args_suspended
 from megatron_sapo.rollout.base import Sample, SamplingParams
 from megatron_sapo.rollout.weights import hf_config_dict
 
@@ -57,19 +58,8 @@ class LocalEngine:
         generator_state = torch.get_rng_state()
         torch.manual_seed(params.seed)  # reproducible rollouts for a given step seed
         try:
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=0,
-                max_new_tokens=params.max_new_tokens,
-                eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+            with device_args_suspended():  # HF generate needs no CPU rewrite of megatron's "cuda" literals
+                out = self._generate(input_ids, attention, params)
         finally:
             torch.set_rng_state(generator_state)
         new_tokens = out.sequences[:, width:]
@@ -77,6 +67,21 @@ class LocalEngine:
         logits = torch.stack(out.logits, dim=1).float() / params.temperature
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [self._sample(i, expanded[i], new_tokens[i], log_probs[i], params) for i in range(len(expanded))]
+
+    def _generate(self, input_ids, attention, params: SamplingParams):
+        return self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
 
     def _sample(self, i, prompt, tokens, log_probs, params) -> Sample:
         tokens = tokens.tolist()

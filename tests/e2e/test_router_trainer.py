@@ -40,6 +40,13 @@ def test_free_routing_run_reports_router_metrics_at_cadence(tmp_path):
     # the router metrics reached the metrics stream
     written = [json.loads(x) for x in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines() if x]
     assert any("router/var_logratio" in r for r in written)
+    # per mini-batch index (4 updates): update 0 is on-policy, later ones see the drift of earlier steps
+    assert m["router/minibatch0/var_logratio"] < 1e-10 and m["router/minibatch0/train_change_rate"] == 0.0
+    # (the big learning rate nearly collapses the router by this step: not every update moves the routing)
+    assert all(m[f"router/minibatch{k}/var_logratio"] > 0 for k in (1, 2, 3))
+    assert max(m[f"router/minibatch{k}/var_route"] for k in (1, 2, 3)) > 0
+    assert max(m[f"router/minibatch{k}/train_change_rate"] for k in (1, 2, 3)) > 0
+    assert max(m[f"router/layer{i}/train_change_rate"] for i in (0, 1)) > 0
 
 
 def test_r2_run_replays_routing_in_every_update(tmp_path):
@@ -48,6 +55,9 @@ def test_r2_run_replays_routing_in_every_update(tmp_path):
         assert m["router/var_route"] == 0.0 and m["router/share"] == 0.0
         assert all(m[k] == 0.0 for k in _layers(m)) and len(_layers(m)) == 2
         assert m["router/var_logratio"] > 0  # the weights did change
+        for k in range(4):  # every update's training forward replayed pi_old's routing
+            assert m[f"router/minibatch{k}/train_change_rate"] == 0.0 and m[f"router/minibatch{k}/var_route"] == 0.0
+        assert m["router/minibatch3/var_logratio"] > 0
 
 
 @pytest.fixture
@@ -90,6 +100,8 @@ def test_r3_replays_the_rollout_engines_routing(tmp_path, rollout_routing):
     def r3(cfg):
         cfg.algo.routing_replay = "r3"
 
+    from megatron_sapo.diagnostics.router import rollout_change_rates
+
     history = _run(tmp_path, "r3", "diagnostics.router_every=1", "train.steps=1", edit=r3)
     forced, old, mask = rollout_routing[0]  # pi_old's pass
     assert forced is not None
@@ -97,7 +109,14 @@ def test_r3_replays_the_rollout_engines_routing(tmp_path, rollout_routing):
     assert torch.equal(old["ids"][sel].long(), forced[sel].long())
     m = history[0]
     assert m["router/var_route"] == 0.0 and all(m[k] == 0.0 for k in _layers(m)) and len(_layers(m)) == 2
-    assert not any(k.endswith("rollout_change_rate") for k in m)
+    assert all(m[f"router/minibatch{k}/train_change_rate"] == 0.0 for k in range(4))
+    # rollout vs trainer: the one extra free-routing pass of pi_old, on the step's sample (16 sequences)
+    free_forced, free, free_mask = rollout_routing[1]
+    assert free_forced is None and free_mask.shape[0] == 16
+    want = rollout_change_rates(forced[:16], free["ids"], free_mask, [0, 1])
+    for i in (0, 1):
+        got = m[f"router/layer{i}/rollout_change_rate"]
+        assert got == pytest.approx(float(want[f"layer{i}/rollout_change_rate"]), rel=1e-9) and 0.6 < got <= 1.0
 
 
 def test_rollout_change_rate_without_replay(tmp_path, rollout_routing):

@@ -136,6 +136,40 @@ def test_images_carried_through(tmp_path, tok):
         load_prompt_file(_jsonl(tmp_path / "b.jsonl", bad))
 
 
+def test_image_tokens_count_toward_max_prompt_len(tmp_path, tok):
+    # "a" is 2 tokens (BOS + a); each image adds data.image_tokens: 2 images x 4 = 10 > 8, one image = 6 <= 8
+    rows = [
+        json.dumps({"prompt": "a", "answer": "1", "task": "copy", "images": ["1.png", "2.png"]}),
+        json.dumps({"prompt": "b", "answer": "1", "task": "copy", "image": "3.png"}),
+    ]
+    path = _jsonl(tmp_path / "i.jsonl", rows)
+    src = build_prompt_source([path], tok, max_prompt_len=8, seed=0, image_tokens=4)
+    assert [p.text for p in src.prompts[0]] == ["b"] and src.dropped == [1]
+    assert len(build_prompt_source([path], tok, max_prompt_len=8, seed=0).prompts[0]) == 2  # not counted
+
+
+def test_hf_datasets_saved_folder_and_hf_spec(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    rows = make_synthetic_rows("copy", 6, seed=3)
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_list(rows).save_to_disk(saved)
+    src = build_prompt_source([saved], tok, max_prompt_len=32, seed=0)
+    assert sorted(p.sample["answer"] for p in src.prompts[0]) == sorted(r["answer"] for r in rows)
+    assert src.prompts[0][0].where.startswith(f"{saved}, row ")
+    # hf:NAME@SPLIT through datasets.load_dataset: a local folder of JSONL files (no network here)
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    write_jsonl(rows, str(folder / "train.jsonl"))
+    src = build_prompt_source([f"hf:{folder}@train"], tok, max_prompt_len=32, seed=0)
+    assert len(src.prompts[0]) == 6
+    with pytest.raises(DataError, match=r"hf:.*@nosuch: datasets could not load it"):
+        build_prompt_source([f"hf:{folder}@nosuch"], tok, max_prompt_len=32, seed=0)
+    bad = [dict(r, task="no_such_task") for r in rows]
+    datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad, row 1: field 'task' is 'no_such_task'"):
+        build_prompt_source([str(tmp_path / "bad")], tok, max_prompt_len=32, seed=0)
+
+
 def test_mixing_weights_across_datasets(tmp_path, tok):
     a = write_jsonl(make_synthetic_rows("copy", 50, seed=1), str(tmp_path / "a.jsonl"))
     b = write_jsonl(make_synthetic_rows("add", 10, seed=2), str(tmp_path / "b.jsonl"))

@@ -73,6 +73,26 @@ def test_cuda_device_args():
         torch.zeros(2, device="cuda")
 
 
+def test_device_args_suspended_only_inside():
+    with compat.device_args_suspended(), pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(2, device="cuda")  # the mode is off: the literal raises, loudly
+    assert torch.zeros(2, device="cuda").device.type == "cpu"  # and back on afterwards
+    with compat._CudaTypeStrings(), compat.device_args_suspended():  # not innermost: left alone
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+
+
+def test_default_causal_mask_on_cpu_without_the_device_mode():
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    with compat.device_args_suspended():
+        mask = fused_softmax.get_default_causal_mask(4)
+        assert utils.get_default_causal_mask is fused_softmax.get_default_causal_mask
+        assert mask.dtype == torch.bool and torch.equal(mask, torch.ones(4, 4).triu(1).bool())
+        with pytest.raises((AssertionError, RuntimeError)):
+            compat.original("default_causal_mask")(4)
+
+
 def _param_with_grad():
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.full((4,), 2.0)

@@ -92,8 +92,28 @@ def test_train_minibatch_reports_metrics_and_moves_loss(engine):
 
 
 def test_batch_must_split_into_microbatches(engine):
-    with pytest.raises(ValueError, match="micro-batches"):
-        engine.compute_log_probs(_batch(n=3))
+    batch = _batch(n=3)
+    batch["advantages"] = torch.ones(3)
+    batch["old_log_probs"] = torch.zeros(3, 19)
+    with pytest.raises(ValueError, match="micro-batches of 2"):
+        engine.forward_backward(batch)
+
+
+def test_forward_only_micro_batch_size(engine):
+    """train.logprob_micro_batch_size sets the forward-only passes' micro-batches (capped at the largest
+    divisor of the batch); the log-probs don't depend on it."""
+    batch = _batch(n=6, seed=5)
+    t = engine.cfg.train
+    assert engine._forward_only_micro_batch_size(6) == 2  # 0: train.micro_batch_size
+    ref = engine.compute_log_probs(batch)
+    try:
+        for size, used in ((6, 6), (4, 3), (64, 6)):
+            t.logprob_micro_batch_size = size
+            assert engine._forward_only_micro_batch_size(6) == used
+            torch.testing.assert_close(engine.compute_log_probs(batch), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        t.logprob_micro_batch_size = 0
+    assert engine.compute_log_probs(_batch(n=3)).shape == (3, 19)  # 3 rows: micro-batches of 1
 
 
 def test_global_state_dict_round_trip(engine):
