@@ -124,6 +124,8 @@ class SGLangConfig:
     bucket_mb: float = 512.0  # weight-sync bucket size (tensor / distributed transports)
     verify_sequences: int = 2  # after each sync: greedy sequences whose served log-probs are checked; 0 = off
     verify_tol: float = 1e-3  # max |served - trainer| log-prob allowed by that check
+    router: bool = False  # sglang-router in front of the servers: generation through it, weight syncs to each
+    router_args: list[str] = field(default_factory=list)  # more launch_router args, e.g. [--policy, round_robin]
 
 
 @dataclass
@@ -175,7 +177,7 @@ class OptimConfig:
 @dataclass
 class DiagnosticsConfig:
     router_every: int = 0  # steps between router-variance decompositions; 0 = off
-    max_sequences: int = 64  # sequences sampled for one decomposition
+    max_sequences: int = 64  # sequences of the whole-step decomposition; each mini-batch one gets 1/minibatches
 
 
 @dataclass

@@ -17,6 +17,9 @@ def bench_moe_config(args, heads: int):
     m.num_experts, m.moe_topk, m.moe_ffn_hidden_size, m.ffn_hidden_size = 8, 2, args.hidden, 4 * args.hidden
     m.max_seq_len = args.seq + 1
     cfg.train.micro_batch_size = args.mbs
+    # One intra-op thread on CPU: the engine would otherwise size its pool to the cores, and on a loaded box
+    # two threads make single ops wait for a descheduled peer (a forward measured 0.35 s and 7 s in turn).
+    cfg.parallel.cpu_threads = 1
     return cfg
 
 

@@ -4,9 +4,12 @@
 
 One process, real megatron-core, a tiny MoE. A step is what the trainer does after the rollout: the
 old-log-prob pass, then `--minibatches` optimizer steps. A diagnostic step additionally records the routing
-in the old-log-prob pass and runs run_router_diagnostics (two forward-only passes on `--max-sequences`
-sequences). Steps alternate plain / diagnostic; on CPU the time is this process's CPU time with one thread
-(robust to other load on a shared machine), on GPU wall time; the median of the repeats is used. With the
+in the old-log-prob pass and in every training forward, runs the per-mini-batch decomposition of updates
+1.. (RouterStep: one forward-only pass with pi_old's routing replayed, on max_sequences / minibatches
+sequences of that mini-batch; the training forward gives the rest) and the whole-step one
+(run_router_diagnostics: two passes on `--max-sequences` sequences). Steps alternate plain / diagnostic; on
+CPU the time is this process's CPU time with one thread (robust to other load on a shared machine), on GPU
+wall time; the median of the repeats is used. With the
 diagnostics every `--every` steps the mean step time over plain is
 
     ratio = ((every - 1) * t_plain + t_diag) / (every * t_plain)
@@ -53,22 +56,35 @@ def _batch(args):
 def _step(engine, batch, minibatches, diagnose: bool) -> tuple[float, float]:
     """(step time, of which diagnostics) for one trainer-like step."""
     from megatron_sapo.data.collate import minibatches as split
-    from megatron_sapo.diagnostics.router import run_router_diagnostics
+    from megatron_sapo.diagnostics.router import RouterStep, run_router_diagnostics
 
     start = bench_clock()
     batch = dict(batch)
-    if diagnose:
+    extra = 0.0
+    if diagnose:  # as Trainer.train_step at a diagnostic step
         batch["old_log_probs"], old = engine.compute_log_probs(batch, record_routing=True)
+        mark = bench_clock()
+        router = RouterStep(engine, batch, old, "none", None)
+        extra += bench_clock() - mark
     else:
         batch["old_log_probs"] = engine.compute_log_probs(batch)
-    for mb in split(batch, minibatches):
-        engine.train_minibatch(mb)
-    mid = bench_clock()
+    for k, mb in enumerate(split(batch, minibatches)):
+        if not diagnose:
+            engine.train_minibatch(mb)
+            continue
+        mark = bench_clock()
+        router.before_update(k, mb)
+        extra += bench_clock() - mark
+        _, routing = engine.train_minibatch(mb, record_routing=True)
+        mark = bench_clock()
+        router.after_update(k, mb, routing)
+        extra += bench_clock() - mark
     if diagnose:
-        metrics = run_router_diagnostics(engine, batch, old)
-        assert "router/var_logratio" in metrics
-    end = bench_clock()
-    return end - start, end - mid
+        mark = bench_clock()
+        metrics = {**run_router_diagnostics(engine, batch, old), **router.metrics()}
+        assert "router/var_logratio" in metrics and "router/minibatch3/share" in metrics
+        extra += bench_clock() - mark
+    return bench_clock() - start, extra
 
 
 def main(argv=None) -> int:
@@ -82,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--minibatches", type=int, default=4)
     p.add_argument("--max-sequences", type=int, default=8)
     p.add_argument("--every", type=int, default=10, help="diagnostics.router_every being evaluated")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
 
     from megatron_sapo.megatron import compat

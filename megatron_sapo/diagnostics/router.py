@@ -130,7 +130,7 @@ def router_metrics(
 
 
 def sample_rows(n: int, max_sequences: int, multiple: int) -> int:
-    """How many leading sequences one decomposition uses: <= max_sequences, a multiple of dp * mbs."""
+    """How many leading sequences one decomposition uses: <= max_sequences, a multiple of `multiple` (dp)."""
     rows = min(n, max_sequences) // multiple * multiple
     return rows if rows > 0 else min(n, multiple)
 
@@ -139,13 +139,12 @@ def _rows(routing: dict, start: int, stop: int) -> dict:
     return {k: (v[start:stop] if torch.is_tensor(v) else v) for k, v in routing.items()}
 
 
-def _sample(engine, batch: dict) -> tuple[int, dict]:
-    """The leading rows one decomposition uses (diagnostics.max_sequences, a multiple of dp * micro-batch
-    size) and the batch keys its passes need (no replay_routing: each pass says its own routing)."""
-    cfg = engine.cfg
-    rows = sample_rows(
-        batch["tokens"].shape[0], cfg.diagnostics.max_sequences, engine.par.dp * cfg.train.micro_batch_size
-    )
+def _sample(engine, batch: dict, max_sequences: int | None = None) -> tuple[int, dict]:
+    """The leading rows one decomposition uses (max_sequences, default diagnostics.max_sequences, a multiple
+    of dp: forward-only passes take any micro-batch split) and the batch keys its passes need (no
+    replay_routing: each pass says its own routing)."""
+    limit = max_sequences if max_sequences is not None else engine.cfg.diagnostics.max_sequences
+    rows = sample_rows(batch["tokens"].shape[0], limit, engine.par.dp)
     return rows, {k: batch[k][:rows] for k in ("tokens", "loss_mask", "advantages")}
 
 
@@ -203,7 +202,7 @@ class RouterStep:
     (after the old-log-prob pass), then call before_update / after_update around each mini-batch update:
       router/minibatch{k}/{var_logratio,var_route,var_weight,cov_route_weight,share}: the decomposition on a
           sample of mini-batch k at the weights its update sees (k optimizer steps after pi_old: the
-          off-policy depth; k = 0 is on-policy, all 0);
+          off-policy depth; k >= 1: k = 0 is on-policy, l = 0 by construction);
       router/minibatch{k}/train_change_rate, router/layer{i}/train_change_rate: the fraction of loss tokens
           (x MoE layers) whose top-k set in the training forward differs from pi_old's pass (0 under replay);
       router/layer{i}/rollout_change_rate under r3 (rollout_vs_free_routing).
@@ -211,6 +210,9 @@ class RouterStep:
 
     def __init__(self, engine, batch: dict, old_routing: dict, mode: str, rollout_ids: torch.Tensor | None):
         self.engine, self.old, self.replay = engine, old_routing, mode != "none"
+        # the mini-batch decompositions share the sample budget: together they cost one whole-step decomposition
+        d = engine.cfg.diagnostics
+        self.per_minibatch = max(1, d.max_sequences // engine.cfg.algo.minibatches)
         self.layers = list(old_routing["moe_layers"])
         self.out: dict[str, torch.Tensor] = {}
         self.changed, self.tokens, self.offset = torch.zeros(len(self.layers), dtype=torch.float64), 0.0, 0
@@ -220,17 +222,32 @@ class RouterStep:
         self.seconds = time.perf_counter() - start
 
     def before_update(self, k: int, mb: dict) -> None:
-        """The decomposition of mini-batch k (rows offset.. of the step's batch) at the current weights."""
+        """The part of mini-batch k's decomposition (rows offset.. of the step's batch) that its training
+        forward does not give: without replay, the log-probs with pi_old's routing replayed at the current
+        weights (the training forward gives the free-routing ones); under replay nothing (the training forward
+        replays pi_old's routing: l_route = 0). Not for k = 0: that update sees pi_old's own weights, so
+        l = 0 (up to float rounding) by construction."""
+        self.pending = None
+        if k == 0 or self.replay:
+            return
         start = time.perf_counter()
-        rows, sub = _sample(self.engine, mb)
+        rows, sub = _sample(self.engine, mb, self.per_minibatch)
         old = _rows(self.old, self.offset, self.offset + rows)
-        lp_theta, _, lp_replay = _passes(self.engine, sub, old["ids"], self.replay, record=False)
-        d = decompose(lp_theta, lp_replay, mb["old_log_probs"][:rows], sub["loss_mask"])
-        self.out.update({f"router/minibatch{k}/{name}": v for name, v in d.items()})
+        self.pending = (rows, self.engine.compute_log_probs(dict(sub, **{REPLAY_KEY: old["ids"]})))
         self.seconds += time.perf_counter() - start
 
-    def after_update(self, k: int, mb: dict, train_routing: dict) -> None:
-        """Compare update k's training-forward routing with pi_old's on all of mini-batch k's loss tokens."""
+    def after_update(self, k: int, mb: dict, train_record: dict) -> None:
+        """Mini-batch k's decomposition, with the training forward's log-probs (train_record["log_probs"]) as
+        pi_theta's, and its routing vs pi_old's on all of mini-batch k's loss tokens."""
+        if k > 0:
+            rows = self.pending[0] if self.pending else _sample(self.engine, mb, self.per_minibatch)[0]
+            lp_theta = train_record["log_probs"][:rows]
+            lp_replay = self.pending[1] if self.pending else lp_theta
+            d = decompose(lp_theta, lp_replay, mb["old_log_probs"][:rows], mb["loss_mask"][:rows])
+            self.out.update({f"router/minibatch{k}/{name}": v for name, v in d.items()})
+        self._change_rates(k, mb, train_record)
+
+    def _change_rates(self, k: int, mb: dict, train_routing: dict) -> None:
         n = mb["tokens"].shape[0]
         old_ids = self.old["ids"][self.offset : self.offset + n][..., self.layers, :]
         changed = routing_changed(old_ids, train_routing["ids"][..., self.layers, :]).double()

@@ -156,7 +156,8 @@ class MegatronEngine:
     def forward_backward(self, batch: dict, record_routing: bool = False):
         """Gradients of the mini-batch loss in the DDP grad buffers (`param.main_grad`, reduced over DP), no
         optimizer step; returns the reduced metrics. train_minibatch = this + the step. With
-        `record_routing`: (metrics, the routing this training forward used, as compute_log_probs gives it)."""
+        `record_routing`: (metrics, record): the routing this training forward used, as compute_log_probs gives
+        it, plus record["log_probs"] [N, S-1], the forward's own log-probs (as compute_log_probs computes)."""
         batch = self._with_is_weights(batch)
         denominators = loss_glue.global_denominators(batch["loss_mask"])
         length = self._length(batch)
@@ -164,15 +165,20 @@ class MegatronEngine:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        forward_step = loss_glue.policy_forward_step(self.loss_spec, self.head, denominators, len(mbs), self.par.dp)
+        sink = [] if record_routing else None
+        forward_step = loss_glue.policy_forward_step(
+            self.loss_spec, self.head, denominators, len(mbs), self.par.dp, sink=sink
+        )
         if self.routing is not None:
             self.routing.begin(record_routing, training=True)
         per_mb = self._run(forward_step, mbs, length, forward_only=False)
         routing_used = None
-        if self.routing is not None:
-            if record_routing:
-                n, seq = batch["tokens"].shape
+        if record_routing:
+            n, seq = batch["tokens"].shape
+            if self.routing is not None:
                 routing_used = self.routing.collect(n, seq, length, self.cfg.train.micro_batch_size)
+            routing_used = dict(routing_used or {}, log_probs=self._gather_rows(sink, "log_probs", n, seq, length))
+        if self.routing is not None:
             self.routing.end()
         metrics = loss_glue.reduce_metrics(
             per_mb,

@@ -96,12 +96,15 @@ def _to_device(mb: dict) -> dict:
     return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
 
 
-def _policy_loss_func(mb, spec: LossSpec, denominators, scale, output_tensor):
+def _policy_loss_func(mb, spec: LossSpec, denominators, scale, output_tensor, sink=None):
     """loss_func of one micro-batch (last pipeline stage only). output_tensor: per-token log-probs [b, s]
-    (or [b, s, 2] with the entropy) from the LogProbHead."""
+    (or [b, s, 2] with the entropy) from the LogProbHead. `sink`: a list that receives the detached
+    log-probs, in micro-batch order (the router diagnostics reuse the training forward's log-probs)."""
     from megatron_sapo.algo import compute_policy_loss
 
     log_probs, entropy = _split(output_tensor)
+    if sink is not None:
+        sink.append({"log_probs": log_probs.detach()})
     mask = mb["loss_mask"]
     num_sequences, num_tokens = denominators
     loss, metrics = compute_policy_loss(
@@ -173,11 +176,11 @@ def _forward_step(loss_func, data_iterator, model):
     return output, functools.partial(loss_func, mb)
 
 
-def policy_forward_step(spec: LossSpec, head, denominators, num_microbatches: int, dp_size: int):
-    """forward_step_func for training; see the module docstring for the scale."""
+def policy_forward_step(spec: LossSpec, head, denominators, num_microbatches: int, dp_size: int, sink=None):
+    """forward_step_func for training; see the module docstring for the scale. `sink`: see _policy_loss_func."""
     head.temperature, head.with_entropy = spec.temperature, spec.entropy_coef > 0 or spec.entropy_metric
     loss_func = functools.partial(
-        _policy_loss_func, spec=spec, denominators=denominators, scale=num_microbatches * dp_size
+        _policy_loss_func, spec=spec, denominators=denominators, scale=num_microbatches * dp_size, sink=sink
     )
     return functools.partial(_forward_step, lambda mb, out: loss_func(mb, output_tensor=out))
 

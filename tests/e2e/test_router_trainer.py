@@ -41,7 +41,7 @@ def test_free_routing_run_reports_router_metrics_at_cadence(tmp_path):
     written = [json.loads(x) for x in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines() if x]
     assert any("router/var_logratio" in r for r in written)
     # per mini-batch index (4 updates): update 0 is on-policy, later ones see the drift of earlier steps
-    assert m["router/minibatch0/var_logratio"] < 1e-10 and m["router/minibatch0/train_change_rate"] == 0.0
+    assert "router/minibatch0/var_logratio" not in m and m["router/minibatch0/train_change_rate"] == 0.0
     # (the big learning rate nearly collapses the router by this step: not every update moves the routing)
     assert all(m[f"router/minibatch{k}/var_logratio"] > 0 for k in (1, 2, 3))
     assert max(m[f"router/minibatch{k}/var_route"] for k in (1, 2, 3)) > 0
@@ -56,7 +56,8 @@ def test_r2_run_replays_routing_in_every_update(tmp_path):
         assert all(m[k] == 0.0 for k in _layers(m)) and len(_layers(m)) == 2
         assert m["router/var_logratio"] > 0  # the weights did change
         for k in range(4):  # every update's training forward replayed pi_old's routing
-            assert m[f"router/minibatch{k}/train_change_rate"] == 0.0 and m[f"router/minibatch{k}/var_route"] == 0.0
+            assert m[f"router/minibatch{k}/train_change_rate"] == 0.0
+            assert k == 0 or m[f"router/minibatch{k}/var_route"] == 0.0
         assert m["router/minibatch3/var_logratio"] > 0
 
 

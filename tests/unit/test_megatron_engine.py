@@ -177,3 +177,15 @@ def test_moe_layout_check_rejects_silently_wrong_expert_grads():
         model.check_moe_layout(m, ParallelConfig(tp=2, sp=True, etp=1, ep=1))
     model.check_moe_layout(m, ParallelConfig(tp=2, sp=True, etp=2, ep=1))
     model.check_moe_layout(m, ParallelConfig(tp=2, sp=True, etp=1, ep=2, dp=2))
+
+
+def test_training_forward_record_holds_its_log_probs(engine):
+    """forward_backward(record_routing=True) hands back the training forward's own log-probs: those of a
+    forward-only pass at the same weights (the router diagnostics reuse them instead of another pass)."""
+    batch = _batch(seed=7)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    batch["old_log_probs"] = engine.compute_log_probs(batch)
+    _, record = engine.forward_backward(batch, record_routing=True)
+    mask = batch["loss_mask"].bool()
+    torch.testing.assert_close(record["log_probs"][mask], batch["old_log_probs"][mask], rtol=1e-5, atol=1e-6)
+    assert record["ids"].shape[:2] == batch["loss_mask"].shape and record["log_probs"].shape == mask.shape
