@@ -30,10 +30,49 @@ def _relaunch_with_torchrun(argv: list[str], world_size: int) -> int:
     return subprocess.call(cmd)
 
 
+class LaunchError(ConfigError):
+    """The launcher's environment is incomplete (e.g. srun without MASTER_ADDR)."""
+
+
+def _tasks_on_this_node(env) -> int | None:
+    """This node's task count from SLURM_STEP_TASKS_PER_NODE ("8(x2)", "8,8" or "8"), when all nodes run the
+    same number (the only layout the sbatch examples make); None otherwise."""
+    counts = set()
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        head = part.split("(", 1)[0]
+        if not head.isdigit():
+            return None
+        counts.add(int(head))
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _adopt_srun_world(env=os.environ) -> bool:
+    """srun with one task per GPU: write torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from
+    SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, so torch.distributed, megatron and the trainer's
+    rank-0 checks see the world srun started. Only inside an srun step (SLURM_STEP_NUM_TASKS: the batch
+    shell has no step) with several tasks, and never over a torchrun's variables. True when it set them."""
+    if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return False
+    if not env.get("MASTER_ADDR"):
+        raise LaunchError(
+            "launched by srun with several tasks but MASTER_ADDR is not set: export MASTER_ADDR=<first node of "
+            "the job> (e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)) before srun"
+        )
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if (local := _tasks_on_this_node(env)) is not None:
+        env["LOCAL_WORLD_SIZE"] = str(local)
+    env.setdefault("MASTER_PORT", "29500")
+    return True
+
+
 def _relaunch_if_needed(cfg: Config, argv: list[str]) -> int | None:
-    """Run plainly with a layout of several processes: start them locally; returns their exit status."""
+    """Run plainly with a layout of several processes: start them locally; returns their exit status.
+    Under srun (one task per GPU) it adopts srun's world instead (_adopt_srun_world)."""
     if cfg.parallel.world_size > 1 and not _launched_by_a_launcher():
         return _relaunch_with_torchrun(argv, cfg.parallel.world_size)
+    _adopt_srun_world()  # a world-1 layout under `srun -n 16` then fails on the size, not as 16 copies
     return None
 
 
@@ -65,21 +104,54 @@ def _parameter_counts(cfg: Config) -> dict[str, int]:
     return {"dense": m.num_layers * (attn + norms + dense_mlp) + embed, "experts": experts}
 
 
+def _state_bytes_per_rank(cfg: Config, counts: dict[str, int]) -> dict[str, float]:
+    """Bytes of weights, gradients and optimizer state on one rank (before activations).
+    Dense parameters split over tp * pp, experts over ep * etp * pp. Gradients are fp32 buffers
+    (megatron/optimizer.py: grad_reduce_in_fp32). Adam keeps two fp32 moments, plus fp32 main params for a
+    bf16 model; the distributed optimizer shards that state over the data-parallel ranks that hold the
+    same shard: dp * cp for dense parameters, tp * cp * dp / (ep * etp) (expert data parallel) for experts."""
+    p = cfg.parallel
+    dense = counts["dense"] / (p.tp * p.pp)
+    experts = counts["experts"] / (p.ep * p.etp * p.pp)
+    bf16 = cfg.model.dtype == "bf16"
+    adam = 8 + (4 if bf16 else 0)
+    dense_shard, expert_shard = 1, 1
+    if cfg.optim.distributed_optimizer:
+        dense_shard = p.dp * p.cp
+        expert_shard = p.tp * p.cp * p.dp // (p.ep * p.etp)
+    return {
+        "weights": (dense + experts) * (2 if bf16 else 4),
+        "grads": (dense + experts) * 4,
+        "optimizer": dense * adam / dense_shard + experts * adam / expert_shard,
+    }
+
+
 def cmd_plan(args: argparse.Namespace, argv: list[str]) -> int:
     """Validate a layout and print what each rank holds, without starting anything."""
     cfg = load_config(args.config, args.overrides)
-    p = cfg.parallel
+    p, m = cfg.parallel, cfg.model
     counts = _parameter_counts(cfg)
     per_rank = counts["dense"] / (p.tp * p.pp) + counts["experts"] / (p.ep * p.etp * p.pp)
-    bytes_param = 2 if cfg.model.dtype == "bf16" else 4
-    # weights + grads in the param dtype, fp32 main params (bf16 only) and two fp32 Adam moments
-    state = bytes_param * 2 + (4 if bytes_param == 2 else 0) + 8
-    optim_shard = p.dp if cfg.optim.distributed_optimizer else 1
     print(f"layout: tp={p.tp} pp={p.pp} vpp={p.vpp} ep={p.ep} etp={p.etp} cp={p.cp} dp={p.dp} sp={p.sp}")
     print(f"world size: {p.world_size} processes (tp*pp*cp*dp)")
     print(f"parameters: {counts['dense'] + counts['experts']:,} ({counts['experts']:,} in experts)")
+    if m.is_moe:
+        active = counts["dense"] + counts["experts"] * m.moe_topk // m.num_experts
+        print(f"activated per token: {active:,}")
+    print(
+        f"layers per pipeline stage: {m.num_layers // p.pp}"
+        + (f" ({p.vpp} chunks of {m.num_layers // (p.pp * p.vpp)})" if p.vpp else "")
+    )
+    if m.is_moe:
+        print(f"experts per EP rank: {m.num_experts // p.ep} of {m.num_experts} (expert data parallel: "
+              f"{p.tp * p.cp * p.dp // (p.ep * p.etp)})")  # fmt: skip
     print(f"parameters per rank: {per_rank:,.0f}")
-    print(f"weights+grads+optimizer per rank: {per_rank * state / optim_shard / 2**30:.3f} GiB (before activations)")
+    gib = {k: v / 2**30 for k, v in _state_bytes_per_rank(cfg, counts).items()}
+    dtype = "bf16" if m.dtype == "bf16" else "fp32"
+    print(
+        f"weights+grads+optimizer per rank: {sum(gib.values()):.3f} GiB (weights {gib['weights']:.3f}, "
+        f"grads {gib['grads']:.3f}, optimizer {gib['optimizer']:.3f}; {dtype} weights; before activations)"
+    )
     samples = cfg.rollout.prompts_per_step * cfg.rollout.n
     per_mb = samples // cfg.algo.minibatches // p.dp // cfg.train.micro_batch_size
     print(f"per step: {samples} samples, {cfg.algo.minibatches} mini-batches, {per_mb} micro-batches per DP rank")

@@ -64,8 +64,11 @@ def _ce_loss_func(mask, output_tensor):
 
 
 def _ce_forward_step(data_iterator, model):
+    from megatron_sapo.megatron import compat
+
     mb = next(data_iterator)
-    out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+    with compat.device_args_suspended():  # as the engine's forward step: the same CPU shim on both sides
+        out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
     return out, functools.partial(_ce_loss_func, mb["loss_mask"])
 
 
