@@ -80,9 +80,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     if (rc := _relaunch_if_needed(cfg, argv)) is not None:
         return rc
-    from megatron_sapo.trainer import train
+    from megatron_sapo.trainer import Preempted, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as e:  # SIGTERM / SIGUSR1: a complete checkpoint was written; rerun to resume
+        return e.exit_code
     return 0
 
 

@@ -199,6 +199,8 @@ class CheckpointConfig:
     every: int = 0  # rollout steps between checkpoints; 0 = only at the end
     resume: str = "auto"  # auto | none | a checkpoint path
     keep: int = 2
+    # SIGTERM / SIGUSR1: checkpoint at the next step boundary and exit 75 (megatron_sapo/preemption.py)
+    save_on_signal: bool = True
 
 
 @dataclass

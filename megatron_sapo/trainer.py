@@ -21,6 +21,7 @@ from megatron_sapo.config import Config, save_config
 from megatron_sapo.data.collate import collate_samples, minibatches
 from megatron_sapo.diagnostics.progress import progress_bar
 from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
+from megatron_sapo.preemption import Preempted, StopSignals
 from megatron_sapo.rollout.base import Sample, SamplingParams
 from megatron_sapo.rollout.weights import megatron_to_hf
 from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune_checkpoints
@@ -73,7 +74,7 @@ def build_rollout_engine(cfg: Config, tokenizer):
         return SGLangEngine(
             cfg.rollout, cfg.model, work_dir=os.path.join(cfg.run.dir, "sglang"),
             tokenizer_path=tokenizer.name_or_path, eos_token_id=tokenizer.eos_token_id,
-            model_path=cfg.model.hf_path, seed=cfg.train.seed,
+            model_path=cfg.model.hf_path, seed=cfg.train.seed, progress=cfg.logging.progress,
         )  # fmt: skip
     raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available in this build; use 'local'")
 
@@ -360,11 +361,15 @@ class Trainer:
         return {**metrics, "step": self.step, "skipped": 1.0, "weight_version": self.weight_version}
 
     def fit(self) -> list[dict]:
+        """Train to train.steps. On SIGTERM / SIGUSR1 (checkpoint.save_on_signal) it stops at the next step
+        boundary after a complete checkpoint of that step, with `stopped_by` set (train() raises Preempted)."""
         history = []
         self.sync_weights()  # the rollout engine starts from the trainer's (initial or resumed) weights
         every, steps = self.cfg.checkpoint.every, self.cfg.train.steps
         show = self.is_rank0 and self.cfg.logging.progress
-        with progress_bar(steps, "train", show, unit="step", initial=self.step) as bar:
+        self.stopped_by = 0
+        signals = StopSignals(self.cfg.checkpoint.save_on_signal)
+        with signals, progress_bar(steps, "train", show, unit="step", initial=self.step) as bar:
             while self.step < steps:
                 metrics = self.train_step()
                 if self.is_rank0:
@@ -373,11 +378,23 @@ class Trainer:
                     bar.update(1)
                     if self.step % self.cfg.logging.console_every == 0:
                         bar.write(console_line(metrics))
-                if (every and self.step % every == 0) or self.step == steps:
+                saved = bool(every and self.step % every == 0) or self.step == steps
+                if saved:  # a signal during the write is only recorded: the write completes
                     self._save_checkpoint()
+                if signals.enabled and self.step < steps and (stop := signals.agreed()):  # all ranks agree
+                    if not saved:
+                        self._save_checkpoint()
+                    if dist.is_initialized():
+                        dist.barrier()  # rank 0's COMPLETE marker is written before any rank exits
+                    self.stopped_by = stop
+                    break
         if self.is_rank0:
             self.writer.close()
-            self._plot()
+            if self.stopped_by:
+                print(f"{Preempted(self.stopped_by, self.step)}: exiting with code {Preempted.exit_code}; "
+                      "rerun the same command to resume", flush=True)  # fmt: skip
+            else:
+                self._plot()
         return history
 
     def _plot(self) -> None:
@@ -426,10 +443,14 @@ def _merge_minibatch_metrics(per_minibatch: list[dict]) -> dict:
 
 
 def train(cfg: Config) -> list[dict]:
+    """Build and fit a Trainer; raises Preempted (after a clean shutdown) when a signal stopped it early."""
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        history = trainer.fit()
     finally:
         trainer.engine.shutdown()
         if trainer.is_rank0:
             trainer.rollout.shutdown()
+    if trainer.stopped_by:
+        raise Preempted(trainer.stopped_by, trainer.step)
+    return history

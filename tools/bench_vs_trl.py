@@ -21,9 +21,11 @@ Our recipe -> TRL GRPOConfig (trl_config_kwargs below); one rollout step = one T
 `algo.minibatches` TRL optimizer steps (TRL's global_step counts optimizer steps):
     rollout.prompts_per_step x rollout.n = 4 x 8 = 32 samples  -> generation_batch_size 32, num_generations 8
     algo.minibatches = 4 (4 optimizer steps of 8 samples)       -> steps_per_generation = 4 x grad_accum
-    train.micro_batch_size = 4 (2 micro-batches per mini-batch) -> per_device_train_batch_size 4,
-                                                                   gradient_accumulation_steps 2
-    (TRL's steps_per_generation counts micro-batches: 8 x 4 = 32 rows, 8 / 2 = 4 optimizer steps)
+    train.micro_batch_size = 8 (1 micro-batch per mini-batch)   -> per_device_train_batch_size 8,
+                                                                   gradient_accumulation_steps 1
+    (TRL's steps_per_generation counts micro-batches: 4 x 8 = 32 rows, 4 / 1 = 4 optimizer steps)
+    train.logprob_micro_batch_size = 32 (old log-probs: one pass) -> TRL has no such knob: its old-log-prob
+                                                                   pass runs per_device_train_batch_size rows
     train.steps = N                                             -> max_steps = N x 4
     rollout.max_new_tokens 8, temperature 1.0, top_p 1, no top-k -> max_completion_length 8, temperature 1.0,
                                                                    top_p 1.0, top_k 0
@@ -39,7 +41,9 @@ Our recipe -> TRL GRPOConfig (trl_config_kwargs below); one rollout step = one T
                                                                    False (TRL defaults it to True),
                                                                    router_aux_loss_coef
     rollout.engine local (HF generate, KV cache)                -> use_vllm False (HF generate, KV cache)
-Plus report_to "none", save_strategy "no", shuffle_dataset False, the same torch thread count.
+Plus report_to "none", save_strategy "no", shuffle_dataset False, the same torch thread count (--threads,
+default the cores; on a shared 2-core box use --threads 1: two intra-op threads on busy cores make single ops
+wait for a descheduled peer, and either side's run can slow down 10x or more).
 
 Caveats: both generate with transformers' generate() on the same HF model class, so generation costs the
 same in principle; the difference is the training side (Megatron-Core's MoE layers, fused loss glue) and

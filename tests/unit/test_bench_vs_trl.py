@@ -22,9 +22,9 @@ def bench():
 def test_tiny_recipe_maps_to_trl_geometry(bench, tmp_path):
     cfg = bench.load_cfg(6, str(tmp_path))
     kw = bench.trl_config_kwargs(cfg, 6, str(tmp_path / "trl"))
-    # one rollout step = 4 prompts x 8 samples, 4 optimizer steps of 8 samples, micro-batches of 4
-    assert kw["num_generations"] == 8 and kw["per_device_train_batch_size"] == 4
-    assert kw["gradient_accumulation_steps"] == 2 and kw["steps_per_generation"] == 8
+    # one rollout step = 4 prompts x 8 samples, 4 optimizer steps of 8 samples, one micro-batch of 8 each
+    assert kw["num_generations"] == 8 and kw["per_device_train_batch_size"] == 8
+    assert kw["gradient_accumulation_steps"] == 1 and kw["steps_per_generation"] == 4
     rows_per_generation = kw["per_device_train_batch_size"] * kw["steps_per_generation"]
     assert rows_per_generation == cfg.rollout.prompts_per_step * cfg.rollout.n == 32
     assert kw["steps_per_generation"] // kw["gradient_accumulation_steps"] == cfg.algo.minibatches == 4
@@ -57,5 +57,5 @@ def test_trl_accepts_the_mapping(bench, tmp_path):
     trl = pytest.importorskip("trl")
     cfg = bench.load_cfg(2, str(tmp_path))
     config = trl.GRPOConfig(**bench.trl_config_kwargs(cfg, 2, str(tmp_path / "trl")))
-    assert config.generation_batch_size == 32 and config.steps_per_generation == 8
+    assert config.generation_batch_size == 32 and config.steps_per_generation == 4
     assert config.gradient_checkpointing is False and config.bf16 is False

@@ -9,9 +9,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -183,6 +185,35 @@ def test_train_sbatch_runs_srun_with_the_config_and_overrides(slurm_env):
         'rollout.sglang.urls=["http://r0:30000"]', "train.steps=3",
     ]  # fmt: skip
     assert "world size: 16" in (run_dir / "plan-4242.txt").read_text()
+    assert not [c for c in calls if c.startswith("requeue")]  # the trainer finished: no requeue
+
+
+def test_train_sbatch_forwards_usr1_to_the_trainer_and_requeues_after_it_saved(slurm_env):
+    """SLURM's `--signal=B:USR1@600` reaches the batch shell only: it relays USR1 to srun (a stub trainer that
+    exits 75, preemption.EXIT_CODE, on it, as the trainer does after its checkpoint), then requeues the job."""
+    from megatron_sapo.preemption import EXIT_CODE
+
+    env, tmp = slurm_env
+    env.update(STUB_HOSTS="gpu01 gpu02", SLURM_NTASKS="16", SGLANG_URLS='["http://r0:30000"]')
+    ready = tmp / "trainer_ready"
+    _stub(tmp / "bin", "srun", f'echo "srun $*" >>"$STUB_LOG"\n'
+          f'trap \'echo "trainer got USR1" >>"$STUB_LOG"; exit {EXIT_CODE}\' USR1\n'
+          f'touch {ready}\nwhile true; do sleep 0.1; done\n')  # fmt: skip
+    script = os.path.join(ROOT, "examples", "slurm", "train_multinode.sbatch")
+    proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.stdout.read() if proc.poll() is not None else "srun was not started"
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_CODE, out
+    calls = (tmp / "calls.log").read_text().splitlines()
+    assert calls[-2:] == ["trainer got USR1", "requeue 4242"], calls
+    assert "asking the trainer" in out and f"trainer exited {EXIT_CODE}: requeueing job 4242" in out
 
 
 def test_train_sbatch_refuses_a_geometry_that_is_not_the_layout(slurm_env):
