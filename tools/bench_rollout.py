@@ -5,9 +5,15 @@
 
 Workload: --prompts prompts x --n samples x --new tokens (ignore_eos, so every run generates the same number of
 tokens), temperature 1, log-probs on (and routed experts: the engine asks for them on MoE models; the direct
-driver asks for the same). "direct" sends the same one-request-per-prompt bodies from a plain thread pool with
-urllib and only json-decodes the answers; "direct-batch" sends all prompts in one request. Runs alternate
-ours / direct / direct-batch in a rotating order, --reps times; medians are compared. Headline lines come last.
+driver asks for the same). "direct" sends the same one-request-per-prompt bodies (engine._body: identical
+fields, n, max_new_tokens, sampling params, log-probs, routed experts) at the same concurrency from a plain
+thread pool with urllib and only json-decodes the answers; "direct-batch" sends all prompts in one request
+(shown for reference: it is not faster here, so batching would not help our client).
+
+Measurement: each rep runs ours and direct back to back, in alternating order (A/B, B/A, ...), so load from
+other jobs hits both about equally; the headline is the median over reps of the per-rep ratio
+direct seconds / ours seconds (= ours tokens/s / direct tokens/s). --aa adds a second, identical direct
+driver: its ratio to direct is the noise floor of this machine (1.0 on a quiet one). The headline comes last.
 """
 
 from __future__ import annotations
@@ -57,9 +63,19 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=8, help="alternating A/B reps (even: each order equally often)")
+    ap.add_argument("--aa", action="store_true", help="also time a second direct driver (the noise floor)")
+    ap.add_argument("--no-batch", dest="batch", action="store_false", help="skip the one-request direct-batch driver")
     ap.add_argument("--sync-reps", type=int, default=3)
+    ap.add_argument(
+        "--server-threads",
+        default="1",
+        help="OMP_NUM_THREADS of a launched CPU server ('' = torch's default, one per core). 1 by default: on a "
+        "small machine shared with other jobs, two OpenMP threads turn a neighbour's load into 10-40x slower runs",
+    )
     args = ap.parse_args()
+    if args.server_threads and not args.url:
+        os.environ["OMP_NUM_THREADS"] = args.server_threads  # inherited by the server the engine launches
 
     from make_tiny_model import build
 
@@ -99,20 +115,27 @@ def run(engine, state, args, startup: float) -> None:
     url = engine.urls[0]
     expected = args.prompts * args.n * args.new
     engine.generate(prompts[:2], params, extra)  # warm-up
-    times: dict[str, list[float]] = {"ours": [], "direct": [], "direct-batch": []}
-    names = list(times)
+    direct(url, bodies[:2], 2)
+    drivers = {
+        "ours": lambda: sum(len(s.response_ids) for s in engine.generate(prompts, params, extra)),
+        "direct": lambda: direct(url, bodies, min(engine.cfg.max_concurrency, len(bodies))),
+    }
+    if args.aa:
+        drivers["direct-again"] = drivers["direct"]
+    if args.batch:
+        drivers["direct-batch"] = lambda: direct_batch(url, bodies)
+    times: dict[str, list[float]] = {name: [] for name in drivers}
+    load_before = os.getloadavg()[0]
     for rep in range(args.reps):
-        for name in names[rep % 3 :] + names[: rep % 3]:  # rotate the order: no driver always runs first
+        order = list(drivers) if rep % 2 == 0 else list(reversed(drivers))  # A/B, then B/A: no driver always first
+        for name in order:
             start = time.perf_counter()
-            if name == "ours":
-                tokens = sum(len(s.response_ids) for s in engine.generate(prompts, params, extra))
-            elif name == "direct":
-                tokens = direct(url, bodies, min(engine.cfg.max_concurrency, len(bodies)))
-            else:
-                tokens = direct_batch(url, bodies)
+            tokens = drivers[name]()
             times[name].append(time.perf_counter() - start)
             assert tokens == expected, (name, tokens, expected)
+    load_after = os.getloadavg()[0]
     tps = {k: expected / statistics.median(v) for k, v in times.items()}
+    paired = {k: [d / o for d, o in zip(v, times["ours"])] for k, v in times.items() if k != "ours"}
 
     sync: dict[str, float] = {}
     version = 1
@@ -127,19 +150,26 @@ def run(engine, state, args, startup: float) -> None:
     engine.set_transport("disk")
 
     machine = f"{platform.node()} ({os.cpu_count()} CPUs, {'GPU' if torch.cuda.is_available() else 'CPU only'})"
-    print(f"machine: {machine}; server start-up {startup:.1f} s; workload {args.prompts} prompts x n={args.n} x "
-          f"{args.new} new tokens = {expected} tokens, {args.reps} alternating reps, medians")  # fmt: skip
-    print(f"{'driver':<14}{'median s':>10}{'min s':>10}{'tokens/s':>11}")
+    print(f"machine: {machine}; load average {load_before:.1f} -> {load_after:.1f}; server start-up {startup:.1f} s; "
+          f"server OMP threads {os.environ.get('OMP_NUM_THREADS', 'default')}; "
+          f"workload {args.prompts} prompts x n={args.n} x {args.new} new tokens = {expected} tokens, "
+          f"{args.reps} alternating reps, medians")  # fmt: skip
+    print(f"{'driver':<14}{'median s':>10}{'min s':>10}{'max s':>10}{'tokens/s':>11}")
     for name, v in times.items():
-        print(f"{name:<14}{statistics.median(v):>10.3f}{min(v):>10.3f}{tps[name]:>11.1f}")
+        print(f"{name:<14}{statistics.median(v):>10.3f}{min(v):>10.3f}{max(v):>10.3f}{tps[name]:>11.1f}")
+    print("per-rep ratio ours tokens/s / direct tokens/s: " + " ".join(f"{r:.2f}" for r in paired["direct"]))
     params_mb = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
     print(f"weight sync ({params_mb:.2f} MB, median of {args.sync_reps}, post-sync check off):")
     for kind, s in sync.items():
         print(f"  {kind:<12}{s:>8.3f} s")
-    best_direct = max(tps["direct"], tps["direct-batch"])
-    print(f"rollout_client_throughput ratio={tps['ours'] / best_direct:.3f} goal>=0.9")
     print(f"weight_sync_tensor_vs_disk ratio={sync['tensor'] / sync['disk']:.3f} goal<=1.0")
     print(f"weight_sync_distributed_vs_disk ratio={sync['distributed'] / sync['disk']:.3f} goal<=1.0")
+    if "direct-batch" in times:  # > 1: one batched request would beat one request per prompt
+        batch = statistics.median(times["direct"]) / statistics.median(times["direct-batch"])
+        print(f"direct_batch_vs_direct ratio={batch:.3f}")
+    if "direct-again" in paired:  # the same driver twice: how far this machine's noise moves the ratio
+        print(f"noise_floor_direct_vs_direct ratio={statistics.median(paired['direct-again']):.3f} goal=1.0")
+    print(f"rollout_client_throughput ratio={statistics.median(paired['direct']):.3f} goal>=0.9")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     engine.shutdown()                                   # stops exactly the servers it started
 
 One /generate request per prompt carries all n samples (SGLang shares the prompt's KV cache across them);
-requests run concurrently (rollout.sglang.max_concurrency threads), spread over the servers. A request that
+requests run concurrently (rollout.sglang.max_concurrency threads), spread over the servers (or sent to an
+sglang-router in front of them: rollout.sglang.router; weight syncs and checks still go to each server). A request that
 fails (server unreachable, 5xx, timeout) is retried with backoff; a group that still fails is retried after
 recovery: launched servers that died are restarted and given the current weights again. Results are keyed by
 prompt index, so a retry can neither duplicate nor lose samples. Every response's weight_version must equal
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 
 from megatron_sapo.config import ModelConfig, RolloutConfig
+from megatron_sapo.diagnostics.progress import progress_bar
 from megatron_sapo.rollout.base import Sample, SamplingParams
 from megatron_sapo.rollout.sglang_client import (
     RETRYABLE,
@@ -35,7 +37,7 @@ from megatron_sapo.rollout.sglang_client import (
     SGLangServerError,
     SGLangUnreachable,
 )
-from megatron_sapo.rollout.sglang_server import ServerProcess, SGLangStartupError, free_ports
+from megatron_sapo.rollout.sglang_server import RouterProcess, ServerProcess, SGLangStartupError, free_ports
 from megatron_sapo.rollout.sglang_sync import DiskSync, build_sync
 
 CPU_MAX_TOTAL_TOKENS = 32768  # KV-cache tokens on CPU; SGLang's own default there allocates ~14 GB
@@ -75,18 +77,21 @@ class SGLangEngine:
         model_path: str | None = None,
         seed: int = 0,
         reference_fn=None,
+        progress: bool = True,
     ):
         """reference_fn(tokens: list[list[int]]) -> list[list[float]]: the trainer's log-probs of tokens[1:] of
         each sequence (at temperature 1); used by the post-sync check. Default: the HF model on the synced
-        weights, in this process (fine for small models; pass the Megatron engine's for large ones)."""
+        weights, in this process (fine for small models; pass the Megatron engine's for large ones).
+        progress: draw a rollout progress bar (logging.progress; shown only when stderr is a terminal)."""
         self.cfg, self.model_cfg = rollout_cfg.sglang, model_cfg
         self.transport = rollout_cfg.weight_sync
         self.work_dir = os.path.abspath(work_dir)
         self.tokenizer_path, self.eos_token_id, self.seed = tokenizer_path, eos_token_id, seed
-        self.reference_fn = reference_fn
+        self.reference_fn, self.progress = reference_fn, progress
         self.client = SGLangClient(self.cfg.request_timeout_s, self.cfg.retries, self.cfg.retry_backoff_s)
         self.control = SGLangClient(timeout_s=60.0, retries=1, backoff_s=0.5)  # never aborted
         self.servers: list[ServerProcess] = []
+        self.router: RouterProcess | None = None
         self.device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.routed_experts = self.cfg.return_routed_experts and model_cfg.is_moe
         self.context_len = model_cfg.max_seq_len
@@ -113,6 +118,9 @@ class SGLangEngine:
             self._attach()
         else:
             self._launch(model_path)
+        self.gen_urls = self.urls  # where /generate goes: the servers, or the router in front of them
+        if self.cfg.router:
+            self._launch_router()
         self._pool = ThreadPoolExecutor(max(1, self.cfg.max_concurrency), thread_name_prefix="sglang-rollout")
 
     # ------------------------------------------------------------------------------------------------------
@@ -140,7 +148,7 @@ class SGLangEngine:
         return path
 
     def _launch(self, model_path: str | None) -> None:
-        model_path = model_path or self._bootstrap_model()
+        model_path = self._launch_model = model_path or self._bootstrap_model()
         ports = free_ports(self.cfg.base_port, self.cfg.num_servers, self.cfg.host)
         max_tokens = self.cfg.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if self.device == "cpu" else None)
         for i, port in enumerate(ports):
@@ -167,6 +175,33 @@ class SGLangEngine:
         self.urls = [s.url for s in self.servers]
         self.weight_version = -1
 
+    def _launch_router(self) -> None:
+        """sglang-router in front of self.urls; weight syncs, checks and aborts still go to every server."""
+        port, metrics_port = free_ports(self.cfg.base_port + 10 * len(self.urls), 2, self.cfg.host)
+        log = os.path.join(self.work_dir, "router.log")
+        self.router = RouterProcess(self.cfg.python, self.urls, port, log, host=self.cfg.host,
+                                    metrics_port=metrics_port, extra_args=self.cfg.router_args)  # fmt: skip
+        try:
+            self.router.start()
+            self.router.wait_healthy(self.cfg.startup_timeout_s)
+        except BaseException as e:
+            self.shutdown()
+            if isinstance(e, SGLangStartupError) and "No module named 'sglang_router'" in str(e):
+                hint = f"rollout.sglang.router=true needs the sglang-router package in {self.cfg.python}"
+                raise SGLangStartupError(f"{e}\n{hint} (pip install sglang-router; the CPU kit has it)") from None
+            raise
+        self.gen_urls = [self.router.url]
+        if self.routed_experts:  # sglang-router 0.3.2 re-serializes /generate bodies without return_routed_experts
+            probe = {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}, "return_routed_experts": True}
+            meta = self.control.post(self.router.url, "/generate", probe)["meta_info"]
+            if not meta.get("routed_experts"):
+                self.shutdown()
+                raise SGLangError(
+                    "this sglang-router drops return_routed_experts from /generate (sglang-router 0.3.2 does), so "
+                    "MoE rollouts through it have no routed experts; set rollout.sglang.return_routed_experts=false "
+                    "or rollout.sglang.router=false"
+                )
+
     def _recover(self) -> None:
         """Restart launched servers that stopped answering and give them the current weights; an attached server
         that is down is an error (we cannot restart what we did not start)."""
@@ -183,9 +218,9 @@ class SGLangEngine:
             self.restarts += 1
             disk = isinstance(self.sync, DiskSync) and self.sync.latest is not None and self.weight_version >= 0
             print(f"[sglang] server {url} (pid {server.pid}) is down; restarting ({self.restarts})", flush=True)
-            server.restart(
+            server.restart(  # disk: from the newest synced folder; else from the launch checkpoint (never pruned)
                 self.cfg.startup_timeout_s,
-                model_path=os.path.abspath(self.sync.latest) if disk else None,
+                model_path=os.path.abspath(self.sync.latest) if disk else self._launch_model,
                 weight_version=str(self.weight_version) if disk else "-1",
             )
             if not disk and self._last_state is not None:
@@ -194,6 +229,9 @@ class SGLangEngine:
                     self.sync.push(self.urls, self._last_state, self.weight_version)
                 else:
                     self.sync.push([url], self._last_state, self.weight_version)
+        if self.router is not None and not self.control.healthy(self.router.url, timeout=10):
+            print(f"[sglang] router {self.router.url} (pid {self.router.pid}) is down; restarting", flush=True)
+            self.router.restart(self.cfg.startup_timeout_s)
 
     def set_transport(self, kind: str) -> None:
         """Switch the weight-sync transport (disk | tensor | distributed) between syncs."""
@@ -203,7 +241,7 @@ class SGLangEngine:
         self.transport = kind
 
     def health(self) -> bool:
-        return all(self.control.healthy(u) for u in self.urls)
+        return all(self.control.healthy(u) for u in self.urls + ([self.router.url] if self.router else []))
 
     @property
     def pids(self) -> list[int | None]:
@@ -279,7 +317,7 @@ class SGLangEngine:
     def _next_url(self) -> str:
         with self._lock:
             self._rr += 1
-            return self.urls[self._rr % len(self.urls)]
+            return self.gen_urls[self._rr % len(self.gen_urls)]
 
     def _group(self, prompt: list[int], params: SamplingParams, group: int, extra: dict | None) -> list[Sample]:
         url = self._next_url()
@@ -298,14 +336,21 @@ class SGLangEngine:
         self._validate(prompts, params)
         self.client.reset_abort()
         results: dict[int, list[Sample]] = {}
+        with progress_bar(len(prompts), "rollout", enabled=self.progress, unit="group") as bar:
+            self._generate_rounds(prompts, params, extra_sampling_params, results, bar)
+        return [s for g in range(len(prompts)) for s in results[g]]
+
+    def _generate_rounds(self, prompts, params, extra, results: dict[int, list[Sample]], bar) -> None:
+        """Every prompt's group into results[g]; groups that fail retryably are sent again after recovery."""
         pending = list(range(len(prompts)))
         for round_ in range(self.cfg.max_restarts + 1):
             failed: dict[int, BaseException] = {}
-            futures = {self._pool.submit(self._group, prompts[g], params, g, extra_sampling_params): g for g in pending}
+            futures = {self._pool.submit(self._group, prompts[g], params, g, extra): g for g in pending}
             for future in as_completed(futures):
                 g = futures[future]
                 try:
                     results[g] = future.result()
+                    bar.update(1)  # one finished sample group
                 except RETRYABLE as e:
                     failed[g] = e
                 except BaseException:
@@ -314,7 +359,7 @@ class SGLangEngine:
                         f.cancel()
                     raise
             if not failed:
-                break
+                return
             if round_ == self.cfg.max_restarts:
                 first = next(iter(failed.values()))
                 raise SGLangError(f"{len(failed)} of {len(prompts)} prompts failed after {round_ + 1} rounds: {first}")
@@ -322,7 +367,6 @@ class SGLangEngine:
                   flush=True)  # fmt: skip
             self._recover()
             pending = sorted(failed)
-        return [s for g in range(len(prompts)) for s in results[g]]
 
     def abort_requests(self, local_only: bool = False) -> None:
         """Abort the generate() call in flight (from another thread): its requests stop at their next check and
@@ -429,6 +473,8 @@ class SGLangEngine:
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):  # servers may already be gone
             self.sync.close()
+        if self.router is not None:
+            self.router.stop()
         for server in self.servers:
             server.stop()
         pool = getattr(self, "_pool", None)

@@ -61,9 +61,9 @@ def free_ports(start: int, count: int, host: str = "127.0.0.1", taken: set[int] 
     return ports
 
 
-def health(url: str, timeout_s: float = 5.0) -> bool:
+def health(url: str, timeout_s: float = 5.0, path: str = "/health") -> bool:
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as r:
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout_s) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -71,6 +71,9 @@ def health(url: str, timeout_s: float = 5.0) -> bool:
 
 class ServerProcess:
     """One `sglang.launch_server` child process that this object started (and only that one)."""
+
+    kind = "SGLang server"
+    health_path = "/health"
 
     def __init__(
         self,
@@ -119,6 +122,10 @@ class ServerProcess:
             cmd += ["--max-total-tokens", str(self.max_total_tokens)]
         if self.routed_experts:
             cmd += ["--enable-return-routed-experts"]
+        if self.device == "cpu" and "--sleep-on-idle" not in self.extra_args:
+            # an idle scheduler otherwise spins at ~50-90% of a core: on a small CPU machine that load slows the
+            # busy servers and the trainer beside it (SGLang then waits on its sockets; a request wakes it at once)
+            cmd += ["--sleep-on-idle"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -163,16 +170,16 @@ class ServerProcess:
             if not self.alive():
                 code = self.proc.returncode if self.proc is not None else None
                 raise SGLangStartupError(
-                    f"SGLang server (port {self.port}, pid {self.pid}) exited with code {code} during start-up; "
+                    f"{self.kind} (port {self.port}, pid {self.pid}) exited with code {code} during start-up; "
                     f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
                 )
-            if health(self.url, timeout_s=5.0):
+            if health(self.url, timeout_s=5.0, path=self.health_path):
                 return time.monotonic() - start
             if time.monotonic() - start > timeout_s:
                 tail = log_tail(self.log_path)
                 self.stop()
                 raise SGLangStartupError(
-                    f"SGLang server (port {self.port}) not healthy after {timeout_s:.0f} s "
+                    f"{self.kind} (port {self.port}) not healthy after {timeout_s:.0f} s "
                     f"(rollout.sglang.startup_timeout_s); last lines of {self.log_path}:\n{tail}"
                 )
             time.sleep(0.5)
@@ -203,6 +210,25 @@ class ServerProcess:
         self.restarts += 1
         self.start()
         return self.wait_healthy(timeout_s)
+
+
+class RouterProcess(ServerProcess):
+    """`python -m sglang_router.launch_router` (PyPI sglang-router) in front of worker servers: one URL that
+    spreads /generate over them. Started, health-checked and stopped by PID like a server."""
+
+    kind = "sglang-router"
+    health_path = "/readiness"  # {"status": "ready", "healthy_workers": ...}: ready means its workers are up
+
+    def __init__(self, python: str, worker_urls: list[str], port: int, log_path: str, *, host: str = "127.0.0.1",
+                 metrics_port: int | None = None, extra_args: list[str] = ()):  # fmt: skip
+        super().__init__(python, "", port, log_path, host=host, device="none", extra_args=extra_args)
+        self.worker_urls, self.metrics_port = list(worker_urls), metrics_port
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", "sglang_router.launch_router", "--host", self.host, "--port", str(self.port)]
+        if self.metrics_port and "--prometheus-port" not in self.extra_args:  # its default, 29000, is one per host
+            cmd += ["--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port)]
+        return cmd + ["--worker-urls", *self.worker_urls, *self.extra_args]
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -80,3 +80,30 @@ def test_post_sync_check_metrics(engine):
     check = engine.last_check
     assert check["sync/tokens_checked"] > 0
     assert check["sync/logprob_abs_diff_max"] < LOGPROB_TOL
+
+
+def test_progress_bar_advances_per_group(engine, monkeypatch):
+    import contextlib
+
+    from megatron_sapo.rollout import sglang_engine
+
+    calls = []
+
+    class Bar:
+        n = 0
+
+        def update(self, k=1):
+            self.n += k
+
+    @contextlib.contextmanager
+    def fake_bar(total, desc, enabled=True, unit="it"):
+        bar = Bar()
+        calls.append((total, enabled, bar))
+        yield bar
+
+    monkeypatch.setattr(sglang_engine, "progress_bar", fake_bar)
+    prompts = [[1, 5, 6], [1, 7, 8], [1, 9, 10]]
+    engine.generate(prompts, SamplingParams(n=2, max_new_tokens=4, temperature=1.0))
+    monkeypatch.setattr(engine, "progress", False)  # logging.progress=false reaches the bar
+    engine.generate(prompts[:1], SamplingParams(n=2, max_new_tokens=4, temperature=1.0))
+    assert [(total, enabled, bar.n) for total, enabled, bar in calls] == [(3, True, 3), (1, False, 1)]

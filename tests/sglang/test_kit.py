@@ -95,5 +95,6 @@ print(json.dumps({"mode": InterpolationMode.BICUBIC.value, "used": used, "dist":
 
 def test_kit_pins(kit_python):
     r = run_kit(kit_python, "import json, torch, importlib.metadata as m; "
-                "print(json.dumps({'torch': torch.__version__, 'sglang': m.version('sglang')}))")  # fmt: skip
-    assert r["sglang"] == "0.5.23" and "+cpu" in r["torch"]
+                "print(json.dumps({'torch': torch.__version__, 'sglang': m.version('sglang'), "
+                "'router': m.version('sglang-router')}))")  # fmt: skip
+    assert r["sglang"] == "0.5.23" and "+cpu" in r["torch"] and r["router"] == "0.3.2"

@@ -12,17 +12,19 @@
 #   2. sglang==0.5.23 --no-deps, triton 3.7 --no-deps, and the pure-Python import needs (requirements-cpu.txt)
 #   3. the stand-ins in standins/ copied into site-packages (sgl_kernel, torchvision import stub, the
 #      routed-experts unpinned-buffer fix loaded through a .pth file)
+#   4. sglang-router 0.3.2 (prebuilt Rust wheel, ~20 MB) for rollout.sglang.router=true
 set -euo pipefail
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$KIT/../.." && pwd)"
 VENV="${SGLANG_KIT_VENV:-$REPO/.venv-sglang}"
 PY="${SGLANG_KIT_PYTHON:-python3}"
 SGLANG_VERSION=0.5.23
+SGLANG_ROUTER_VERSION=0.3.2
 STAMP="$VENV/.kit-stamp"
 HASH=$(cat "$KIT/setup.sh" "$KIT/requirements-cpu.txt" $(find "$KIT/standins" -type f -name '*.py' -o -type f -name '*.pth' | sort) \
        | sha256sum | cut -c1-16)
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import sglang, sgl_kernel" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import sglang, sgl_kernel, sglang_router" 2>/dev/null; then
   echo "sglang kit: $VENV is up to date ($HASH)"
   exit 0
 fi
@@ -53,6 +55,8 @@ fi
 #    sglang keeps pip from replacing the CPU torch with the CUDA one.
 pip_install --no-deps "sglang==$SGLANG_VERSION" 'triton==3.7.*'
 pip_install -r "$KIT/requirements-cpu.txt"
+# 4. the optional router in front of several servers (its dependencies are already there from step 2)
+pip_install "sglang-router==$SGLANG_ROUTER_VERSION"
 
 # 3. stand-ins: copied (not linked) so the venv works wherever the repository moves afterwards
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -65,7 +69,10 @@ import torch
 assert "+cpu" in torch.__version__, f"expected a CPU torch build, got {torch.__version__}"
 assert md.version("sglang") == "$SGLANG_VERSION", md.version("sglang")
 import sgl_kernel, sglang_cpu_fixes  # noqa: F401  the stand-ins
-print("torch", torch.__version__, "sglang", md.version("sglang"), "transformers", md.version("transformers"))
+import sglang_router  # noqa: F401
+assert md.version("sglang-router") == "$SGLANG_ROUTER_VERSION", md.version("sglang-router")
+print("torch", torch.__version__, "sglang", md.version("sglang"), "sglang-router", md.version("sglang-router"),
+      "transformers", md.version("transformers"))
 PYEOF
 echo "$HASH" > "$STAMP"
 echo "sglang kit: installed in $(( $(date +%s) - T0 )) s; size $(du -sh "$VENV" | cut -f1)"
