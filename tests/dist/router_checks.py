@@ -33,4 +33,11 @@ def router_results(eng, batch: dict, w1: dict) -> dict:
     eng.load_global_state_dict(w1)
     free = run_router_diagnostics(eng, b, old)
     r2 = run_router_diagnostics(eng, b, old, replay=True)
-    return {"ids": old["ids"], "probs": old["probs"], "free": free, "r2": r2}
+    out = {"ids": old["ids"], "probs": old["probs"], "free": free, "r2": r2}
+    p = eng.cfg.parallel
+    if p.tp == 1 or p.sp:  # megatron-core refuses to train an MoE with TP but without SP
+        # the training forward's own record at W1 (free routing, then W0's replayed), no optimizer step
+        _, train = eng.forward_backward(b, record_routing=True)
+        _, train_r2 = eng.forward_backward(dict(b, replay_routing=old["ids"]), record_routing=True)
+        out.update(train_ids=train["ids"], train_lp=train["log_probs"], train_r2_ids=train_r2["ids"])
+    return out

@@ -143,6 +143,8 @@ def test_router_reference_is_not_vacuous(results):
     assert r2["router/var_route"] == 0.0 and all(r2[f"router/layer{i}/change_rate"] == 0.0 for i in range(4))
     mask = ref["batch"]["loss_mask"] > 0
     assert bool((ref["router"]["ids"][mask] >= 0).all())
+    # at W1 the training forward routes differently from W0 (so the capture comparison below has teeth)
+    assert not torch.equal(ref["router"]["train_ids"][mask], ref["router"]["ids"][mask])
 
 
 @pytest.mark.parametrize("layout", ROUTER_LAYOUTS)
@@ -162,3 +164,11 @@ def test_routing_capture_and_router_metrics_match_single_process(results, layout
             else:
                 assert got[kind][name] == pytest.approx(value, rel=1e-3, abs=1e-6), (kind, name)
     assert got["r2"]["router/var_route"] == 0.0
+    # the training forward's capture: the same routing and log-probs as the single process; under replay
+    # exactly the replayed ids (every layout megatron-core lets train: not TP without SP)
+    assert ("train_ids" in got) == (layout != "tp2_etp2_nosp_dp2")
+    if layout == "tp2_etp2_nosp_dp2":
+        return
+    assert torch.equal(got["train_ids"][mask], want["train_ids"][mask])
+    torch.testing.assert_close(got["train_lp"][mask], want["train_lp"][mask], rtol=1e-4, atol=1e-5)
+    assert torch.equal(got["train_r2_ids"][mask], want["ids"][mask])
