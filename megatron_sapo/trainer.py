@@ -164,9 +164,9 @@ class Trainer:
     def sync_weights(self) -> float:
         """Trainer weights -> rollout engine (HF names); returns seconds."""
         start = time.perf_counter()
-        hf_state = megatron_to_hf(self.engine.global_state_dict(), self.cfg.model)
+        state = self.engine.global_state_dict(dst=0)  # only rank 0 (the rollout's owner) assembles the model
         if self.is_rank0:
-            self.rollout.update_weights(hf_state, self.weight_version)
+            self.rollout.update_weights(megatron_to_hf(state, self.cfg.model), self.weight_version)
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------------------

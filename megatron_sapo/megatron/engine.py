@@ -237,9 +237,10 @@ class MegatronEngine:
     # ------------------------------------------------------------------------------------------------------
     # weights and checkpoints
     # ------------------------------------------------------------------------------------------------------
-    def global_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded float32 weights by megatron checkpoint key, on every rank (small models)."""
-        return weights.gather_global(self.model, "param")
+    def global_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor]:
+        """Unsharded float32 weights by megatron checkpoint key, on every rank, or only on global rank `dst`
+        ({} on the others, which keep no copy). A collective: every rank calls it."""
+        return weights.gather_global(self.model, "param", dst=dst)
 
     def load_global_state_dict(self, full: dict[str, torch.Tensor]) -> None:
         """Set the weights from unsharded tensors (as global_state_dict returns them), any layout."""

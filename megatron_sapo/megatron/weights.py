@@ -6,8 +6,10 @@ factory that stores fc1 as [gate; up] globally. So a global tensor is layout-ind
 TP2xPP2xEP2 it equals the one gathered at TP1.
 
 Keys are megatron's checkpoint keys (e.g. `decoder.layers.0.mlp.experts.experts.linear_fc1.weight` with a
-leading expert axis, or `...local_experts.3.linear_fc1.weight`). `gather_global` all-gathers the whole
-model to every rank: meant for small models (tests, the tiny recipes, export of small policies).
+leading expert axis, or `...local_experts.3.linear_fc1.weight`). `gather_global` assembles the whole model
+on every rank, or with `dst` on that rank only (the others send their shards and keep no copy): the weight
+sync uses dst=0. Either way one rank holds the full float32 model at once (large models need a streamed,
+bucketed gather; not built yet).
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def _index(sh) -> tuple:
     return points + slices
 
 
-def gather_global(chunks: list, what: str = "param") -> dict[str, torch.Tensor]:
-    """Full global tensors (float32, CPU) on every rank. what: "param" or "grad" (main_grad under DDP)."""
+def gather_global(chunks: list, what: str = "param", dst: int | None = None) -> dict[str, torch.Tensor]:
+    """Full global tensors (float32, CPU) on every rank, or only on global rank `dst` ({} elsewhere).
+    what: "param" or "grad" (main_grad under DDP)."""
 
     def tensor_of(p):
         if what == "param":
@@ -93,7 +96,12 @@ def gather_global(chunks: list, what: str = "param") -> dict[str, torch.Tensor]:
         if main
     ]
     everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-    if dist.is_initialized():
+    if dist.is_initialized() and dst is not None:
+        is_dst = dist.get_rank() == dst
+        dist.gather_object(mine, everyone if is_dst else None, dst=dst)
+        if not is_dst:
+            return {}
+    elif dist.is_initialized():
         dist.all_gather_object(everyone, mine)
     full: dict[str, torch.Tensor] = {}
     for pieces in everyone:

@@ -23,6 +23,12 @@ import urllib.request
 
 from megatron_sapo.rollout.sglang_client import SGLangError
 
+# torch.distributed launch variables of the trainer's rank: never inherited by a server it starts
+TRAINER_WORLD_VARS = frozenset(
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+     "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+)  # fmt: skip
+
 
 class SGLangStartupError(SGLangError):
     """A server died or never became healthy during start-up; the message carries its log's tail."""
@@ -136,6 +142,10 @@ class ServerProcess:
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # sglang's is_cpu() is False without it, even with --device cpu
         # the trainer's PYTHONPATH (its own site-packages, megatron) must not leak into the server's venv
         env.pop("PYTHONPATH", None)
+        # nor the trainer's torch.distributed world (torchrun / srun): with RANK, WORLD_SIZE, MASTER_PORT of a
+        # 4-rank trainer, the server's own process group waited for 3 more ranks forever ("Init parallel begin")
+        for name in [k for k in env if k in TRAINER_WORLD_VARS or k.startswith("TORCHELASTIC_")]:
+            del env[name]
         return env
 
     def start(self) -> None:

@@ -124,6 +124,12 @@ def test_checkpoint_resume_across_layouts(results):
     assert second["losses"] == pytest.approx(ref["opt_losses"][2:], abs=1e-5)
 
 
+def test_weights_gathered_on_rank_zero_only(results):
+    """The weight sync's gather at TP2xPP2xEP2: rank 0 assembles the full model, the other ranks get {}."""
+    _, multi = results
+    assert multi["gather_dst0"]["all_ranks_ok"] and multi["gather_dst0"]["keys"] > 10
+
+
 def test_gloo_uneven_gather_patch(results):
     _, multi = results
     assert multi["gloo_uneven"] == {"patched_ok": True, "original_ok": False}

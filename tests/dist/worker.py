@@ -210,6 +210,18 @@ def check_gloo_uneven_gather() -> dict:
     return {"patched_ok": patched_ok, "original_ok": original_ok}
 
 
+def check_gather_to_one_rank(eng: MegatronEngine, w0: dict) -> dict:
+    """global_state_dict(dst=0): rank 0 gets exactly the all-gathered weights (= w0), the others nothing."""
+    everywhere, on_zero = eng.global_state_dict(), eng.global_state_dict(dst=0)
+    if dist.get_rank() == 0:
+        ok = sorted(on_zero) == sorted(w0) and all(torch.equal(on_zero[k], everywhere[k]) for k in w0)
+    else:
+        ok = on_zero == {}
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return {"all_ranks_ok": bool(flag.item()), "keys": len(everywhere)}
+
+
 def phase_multi(out_dir: str, ref: dict) -> dict:
     res: dict = {"gloo_uneven": check_gloo_uneven_gather()}
     batch, w0 = ref["batch"], ref["w0"]
@@ -239,6 +251,7 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
 
     big = dict(tp=2, pp=2, ep=2, sp=True, dp=1)
     with Layout(make_config(distopt=True, **big), w0) as eng:
+        res["gather_dst0"] = check_gather_to_one_rank(eng, w0)
         res["opt_losses"] = [eng.train_minibatch(batch)["loss"] for _ in range(3)]
     ckpt2 = os.path.join(out_dir, "ckpt_multi_step2")
     with Layout(make_config(distopt=True, **big), None) as eng:

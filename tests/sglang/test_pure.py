@@ -36,3 +36,18 @@ def test_client_errors_name_the_server():
         client.post(f"http://127.0.0.1:{port}", "/generate", {})
     with pytest.raises(SGLangRequestError, match="not an http"):
         client.post("localhost:1", "/generate", {})
+
+
+def test_server_environment_drops_the_trainers_world(monkeypatch):
+    """A server started from rank 0 of a torchrun/srun trainer must not join the trainer's world (with
+    RANK/WORLD_SIZE/MASTER_PORT inherited, SGLang's own process group waited for the other ranks forever)."""
+    from megatron_sapo.rollout.sglang_server import ServerProcess
+
+    world = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511",
+             "TORCHELASTIC_RUN_ID": "x", "PYTHONPATH": "/trainer/site"}  # fmt: skip
+    for key, value in world.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HOME", "/cache/hf")
+    env = ServerProcess("python", "model", 30000, "server.log").environment()
+    assert not set(world) & set(env)
+    assert env["HF_HOME"] == "/cache/hf" and env["SGLANG_USE_CPU_ENGINE"] == "1"
