@@ -148,12 +148,11 @@ def _sample(engine, batch: dict, max_sequences: int | None = None) -> tuple[int,
     return rows, {k: batch[k][:rows] for k in ("tokens", "loss_mask", "advantages")}
 
 
-def _passes(engine, sub: dict, old_ids: torch.Tensor, replay: bool, record: bool = True):
-    """pi_theta's log-probs (free routing, or pi_old's when `replay`), its routing when `record`, and the
-    log-probs with pi_old's routing replayed: the two extra forward-only passes of a decomposition."""
+def _passes(engine, sub: dict, old_ids: torch.Tensor, replay: bool):
+    """pi_theta's log-probs (free routing, or pi_old's when `replay`), its routing, and the log-probs with
+    pi_old's routing replayed: the two extra forward-only passes of a decomposition."""
     replayed = dict(sub, **{REPLAY_KEY: old_ids})
-    theta = engine.compute_log_probs(replayed if replay else sub, record_routing=record)
-    lp_theta, new = theta if record else (theta, None)
+    lp_theta, new = engine.compute_log_probs(replayed if replay else sub, record_routing=True)
     return lp_theta, new, engine.compute_log_probs(replayed)
 
 
@@ -216,6 +215,7 @@ class RouterStep:
         self.layers = list(old_routing["moe_layers"])
         self.out: dict[str, torch.Tensor] = {}
         self.changed, self.tokens, self.offset = torch.zeros(len(self.layers), dtype=torch.float64), 0.0, 0
+        self.pending = None  # (rows, replayed log-probs) of the update in progress, from before_update
         start = time.perf_counter()
         if mode == "r3" and rollout_ids is not None:
             self.out.update(rollout_vs_free_routing(engine, batch, rollout_ids))
