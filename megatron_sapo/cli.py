@@ -1,4 +1,4 @@
-"""`megatron-sapo`: the command line (train, plan, diagnose, convert).
+"""`megatron-sapo`: the command line (train, eval, plan, diagnose, convert).
 
     megatron-sapo train examples/tiny_moe_cpu.yaml algo.tau_neg=1.1 parallel.tp=2
 
@@ -185,6 +185,24 @@ def cmd_convert(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    """Score a checkpoint or an HF folder on prompt datasets (megatron_sapo/evaluate.py)."""
+    cfg = load_config(args.config, args.overrides)
+    if not args.hf and (rc := _relaunch_if_needed(cfg, argv)) is not None:  # an HF folder needs no Megatron ranks
+        return rc
+    from megatron_sapo.evaluate import EvalOptions, evaluate
+
+    options = {k: getattr(args, k) for k in ("checkpoint", "hf", "data", "n", "temperature", "max_new_tokens", "limit",
+                                             "correct_at", "out")}  # fmt: skip
+    opts = EvalOptions(**options)
+    try:
+        evaluate(cfg, opts)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # data errors are ValueErrors naming file and line
+        print(f"megatron-sapo eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-sapo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default=None, help="torch file with tokens [N, S], loss_mask [N, S-1]")
     p.add_argument("--out", default=None, help="also save the metrics as JSON here")
     p.set_defaults(fn=cmd_diagnose)
+    ev = sub.add_parser("eval", help="score a checkpoint or HF folder on prompt datasets (reward, pass@k), no training")
+    ev.add_argument("config", help="YAML config of the run (model, data, rollout engine)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides")
+    ev.add_argument("--checkpoint", help="a complete Megatron checkpoint (default: the run folder's newest)")
+    ev.add_argument("--hf", help="an HF folder instead (loaded or served as it is, one process)")
+    ev.add_argument("--data", nargs="+", help="prompt files (JSONL / Parquet / hf:NAME); default data.paths")
+    ev.add_argument("--n", type=int, default=1, help="samples per prompt (pass@1 and pass@n)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default rollout.max_new_tokens")
+    ev.add_argument("--limit", type=int, default=None, help="the first N prompts of each file")
+    ev.add_argument("--correct-at", type=float, default=1.0, help="a sample is correct when its reward >= this")
+    ev.add_argument("--out", help="output folder (default RUN_DIR/eval/<checkpoint name>)")
+    ev.set_defaults(fn=cmd_eval)
     conv = sub.add_parser("convert", help="convert checkpoints: Megatron dist checkpoint <-> HF folder")
     conv.add_argument("config", help="YAML config of the model and the layout to load at")
     conv.add_argument("overrides", nargs="*", help="dotted overrides")

@@ -121,7 +121,7 @@ class SGLangConfig:
     retries: int = 2  # extra attempts of a failed request (unreachable / 5xx / timeout), with backoff
     retry_backoff_s: float = 0.5  # first wait; doubles per attempt
     max_restarts: int = 2  # restarts of launched servers that died, per engine
-    bucket_mb: float = 512.0  # weight-sync bucket size (tensor / distributed transports)
+    bucket_mb: float = 512.0  # weight-sync bucket: the trainer gathers and sends this much at a time (any engine)
     verify_sequences: int = 2  # after each sync: greedy sequences whose served log-probs are checked; 0 = off
     verify_tol: float = 1e-3  # max |served - trainer| log-prob allowed by that check
     router: bool = False  # sglang-router in front of the servers: generation through it, weight syncs to each

@@ -12,9 +12,10 @@ import shutil
 import torch.distributed as dist
 
 from megatron_sapo.config import Config
-from megatron_sapo.rollout.weights import hf_to_megatron, load_hf_state, megatron_to_hf, save_hf_checkpoint
+from megatron_sapo.rollout.weights import megatron_to_hf, save_hf_buckets
 from megatron_sapo.run_state import MARKER, is_complete
 
+HF_FILE_MB = 4096  # safetensors shard size of an exported HF checkpoint (HF hub uses 4-5 GB)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
@@ -48,12 +49,15 @@ def convert(
         if checkpoint is not None:
             engine.load_checkpoint(checkpoint)
         else:
-            template = engine.global_state_dict()
-            engine.load_global_state_dict(hf_to_megatron(load_hf_state(from_hf), template, cfg.model))
+            engine.load_hf_checkpoint(from_hf)  # each rank reads only its own shards' tensors
         if to_hf is not None:
-            hf_state = megatron_to_hf(engine.global_state_dict(), cfg.model)
-            if rank0:
-                save_hf_checkpoint(hf_state, cfg.model, to_hf)
+            # streamed: rank 0 writes one safetensors file per bucket as it arrives (the model is never whole)
+            buckets = (megatron_to_hf(b, cfg.model) for b in engine.weight_buckets(HF_FILE_MB, dst=0))
+            if not rank0:
+                for _ in buckets:  # a collective: take part in every bucket
+                    pass
+            else:
+                save_hf_buckets(buckets, cfg.model, to_hf)
                 _copy_tokenizer(tokenizer or from_hf or cfg.data.tokenizer or cfg.model.hf_path, to_hf)
                 print(f"wrote {to_hf}")
         if to_checkpoint is not None:

@@ -27,6 +27,7 @@ from megatron_sapo.rollout.weights import megatron_to_hf
 from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune_checkpoints
 
 DYNAMIC_SAMPLING_ROUNDS = 4
+REFERENCE_DIR = "reference_weights"  # in the run folder: the KL reference's weights
 
 
 def fault_point(phase: str, step: int) -> None:
@@ -110,29 +111,29 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     def _load_hf_weights(self, path: str) -> None:
-        from megatron_sapo.rollout.weights import hf_to_megatron, load_hf_state
-
-        template = self.engine.global_state_dict()
-        self.engine.load_global_state_dict(hf_to_megatron(load_hf_state(path), template, self.cfg.model))
+        self.engine.load_hf_checkpoint(path)  # each rank reads only its own shards' tensors
         if self.is_rank0:
             print(f"initial weights from {path}")
 
     def _build_reference(self):
-        """A frozen copy of the initial policy for the KL penalty (same layout and process groups). Its
-        weights are kept in the run folder, so a resumed run uses the initial weights, not the resumed ones."""
+        """A frozen copy of the initial policy for the KL penalty (same layout and process groups): each rank
+        copies its own shards, no gather. The copy is kept in the run folder as a sharded weights-only
+        checkpoint, so a resumed run uses the initial weights, not the resumed ones."""
         from megatron_sapo.megatron.engine import MegatronEngine
 
         reference = MegatronEngine(self.cfg, parallel=self.engine.par)
-        path = os.path.join(self.cfg.run.dir, "reference_weights.pt")
-        exists = _broadcast(os.path.exists(path) if self.is_rank0 else None)
-        if exists:
-            state = torch.load(path, weights_only=True)  # the run folder is shared by all ranks
-        else:
-            state = self.engine.global_state_dict()
-            if self.is_rank0:
-                torch.save(state, path + ".tmp")
-                os.replace(path + ".tmp", path)
-        reference.load_global_state_dict(state)
+        path = os.path.join(self.cfg.run.dir, REFERENCE_DIR)
+        if _broadcast(os.path.isdir(path) if self.is_rank0 else None):  # the run folder is shared by all ranks
+            reference.load_weights(path)
+            return reference
+        reference.copy_weights_from(self.engine)
+        if self.is_rank0 and os.path.isdir(path + ".tmp"):
+            shutil.rmtree(path + ".tmp")  # a killed write: never renamed, so never loaded
+        if dist.is_initialized():
+            dist.barrier()  # removed before any rank writes into it
+        reference.save_checkpoint(path + ".tmp", weights_only=True)  # ends with a barrier: all shards written
+        if self.is_rank0:
+            os.replace(path + ".tmp", path)
         return reference
 
     def _resume(self) -> None:
@@ -164,9 +165,15 @@ class Trainer:
     def sync_weights(self) -> float:
         """Trainer weights -> rollout engine (HF names); returns seconds."""
         start = time.perf_counter()
-        state = self.engine.global_state_dict(dst=0)  # only rank 0 (the rollout's owner) assembles the model
+        # streamed: rank 0 (the rollout's owner) receives one bucket of whole tensors at a time and hands it on
+        # before the next is gathered; the other ranks send their shards and hold no copy
+        buckets = self.engine.weight_buckets(self.cfg.rollout.sglang.bucket_mb, dst=0)
+        hf_buckets = (megatron_to_hf(bucket, self.cfg.model) for bucket in buckets)
         if self.is_rank0:
-            self.rollout.update_weights(megatron_to_hf(state, self.cfg.model), self.weight_version)
+            self.rollout.update_weights(hf_buckets, self.weight_version)
+        else:
+            for _ in hf_buckets:  # the gather is a collective: take part in every bucket
+                pass
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------------------

@@ -141,3 +141,13 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
     if "rng" in loaded:
         torch.set_rng_state(loaded["rng"]["torch"])
     return dict(loaded.get("extra", {}))
+
+
+def load_weights(path: str, chunks: list) -> None:
+    """Only the model weights of a checkpoint (saved at any layout, with or without optimizer): no optimizer,
+    scheduler, RNG or caller state is touched (e.g. the KL reference model's weights-only copy)."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load({"model": _model_sharded_state_dict(chunks)}, path)
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])

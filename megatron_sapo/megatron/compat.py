@@ -450,6 +450,42 @@ def _patch_distopt_checkpoint() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Multi-tensor fallbacks of the optimizer step
+# ----------------------------------------------------------------------------------------------------------
+def _patch_multi_tensor_fallbacks() -> None:
+    """Without TE/Apex, the grad norm and the clipping of every optimizer step (clip_grads, optimizer) use
+    megatron.core.utils' Python fallbacks: one torch call per parameter, and `torch.tensor()` of a list of
+    0-d tensors. Not a CUDA fix but the CPU cost of a tiny model's step (~1.5 ms of ~6 per optimizer step):
+    torch's foreach ops run the same per-tensor CPU kernels in a few calls, so the values are bitwise the
+    same (tests/unit/test_megatron_compat.py). Only the fallbacks are replaced; 0.16.1 and 0.19."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    l2_norm, scale = utils.local_multi_tensor_l2_norm, utils.local_multi_tensor_scale
+    _ORIGINALS["multi_tensor_fallbacks"] = {"l2_norm": l2_norm, "scale": scale}
+
+    def local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+        if not tensors or any(t.is_cuda for t in tensors):
+            return l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args)
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))  # norm of the norms
+        return total.reshape(1).float(), None
+
+    def local_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, factor):
+        src, dst = tensor_lists
+        if len(src) != len(dst) or any(a is not b or a.is_cuda for a, b in zip(src, dst)):
+            return scale(chunk_size, noop_flag, tensor_lists, factor)  # copies between tensors: as shipped
+        if dst:
+            torch._foreach_mul_(dst, factor)  # in place (grad clipping)
+
+    for module in (clip_grads, optimizer):
+        if getattr(module, "l2_norm_impl", None) is l2_norm:
+            module.l2_norm_impl = local_multi_tensor_l2_norm
+        if getattr(module, "multi_tensor_scale_impl", None) is scale:
+            module.multi_tensor_scale_impl = local_multi_tensor_scale
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Application
 # ----------------------------------------------------------------------------------------------------------
 # Order matters only in that the device mode goes last (it wraps everything after it).
@@ -465,6 +501,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "torch_norm_sequence_parallel": _patch_torch_norm_sequence_parallel,
     "gloo_uneven_gather": _patch_gloo_uneven_gather,
     "distopt_checkpoint": _patch_distopt_checkpoint,
+    "multi_tensor_fallbacks": _patch_multi_tensor_fallbacks,
     "cuda_device_args": _patch_cuda_device_args,
     "recompute_device_args": _patch_recompute_device_args,  # after cuda_device_args: uses its mode
 }

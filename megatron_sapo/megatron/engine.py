@@ -14,6 +14,7 @@ DP ranks and then into micro-batches of train.micro_batch_size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -237,10 +238,15 @@ class MegatronEngine:
     # ------------------------------------------------------------------------------------------------------
     # weights and checkpoints
     # ------------------------------------------------------------------------------------------------------
-    def global_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor]:
-        """Unsharded float32 weights by megatron checkpoint key, on every rank, or only on global rank `dst`
-        ({} on the others, which keep no copy). A collective: every rank calls it."""
-        return weights.gather_global(self.model, "param", dst=dst)
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded float32 weights by megatron checkpoint key, on every rank (a collective). Every rank
+        holds the whole model: for tests, conversion and small models; the weight sync streams instead."""
+        return weights.gather_global(self.model, "param")
+
+    def weight_buckets(self, bucket_mb: float, dst: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The weights as buckets of whole per-layer (per-expert) tensors on global rank `dst` ({} per bucket
+        elsewhere): weights.stream_global. A collective: every rank runs it to its end."""
+        return weights.stream_global(self.model, bucket_mb, dst)
 
     def load_global_state_dict(self, full: dict[str, torch.Tensor]) -> None:
         """Set the weights from unsharded tensors (as global_state_dict returns them), any layout."""
@@ -248,12 +254,39 @@ class MegatronEngine:
         # bf16 models keep separate fp32 main params in the optimizer: refresh them from the model.
         self.optimizer.reload_model_params()
 
+    def load_hf_checkpoint(self, path: str) -> int:
+        """Set the weights from an HF checkpoint folder, each rank reading only the tensors of its own shards
+        (hf_checkpoint.py); returns the number of shards written."""
+        from megatron_sapo.megatron.hf_checkpoint import load_hf_checkpoint
+
+        count = load_hf_checkpoint(self.model, path, self.cfg.model)
+        self.optimizer.reload_model_params()
+        return count
+
+    @torch.no_grad()
+    def copy_weights_from(self, other: MegatronEngine) -> None:
+        """Copy another engine's weights built at the same layout: each rank its own shards, no communication."""
+        mine = [(n, p) for chunk in self.model for n, p in chunk.named_parameters()]
+        theirs = [(n, p) for chunk in other.model for n, p in chunk.named_parameters()]
+        if [(n, p.shape) for n, p in mine] != [(n, p.shape) for n, p in theirs]:
+            raise ValueError("copy_weights_from: the two engines' parameters differ (not the same model and layout)")
+        for (_, dst), (_, src) in zip(mine, theirs):
+            dst.copy_(src)
+        self.optimizer.reload_model_params()
+
+    def load_weights(self, path: str) -> None:
+        """Only the weights of a dist checkpoint (any layout); optimizer, schedule and RNG are left as they are."""
+        checkpoint.load_weights(path, self.model)
+        self.optimizer.reload_model_params()
+
     def save_checkpoint(self, path: str, extra: dict | None = None, weights_only: bool = False) -> None:
         optimizer, scheduler = (None, None) if weights_only else (self.optimizer, self.scheduler)
         checkpoint.save_checkpoint(path, self.model, optimizer, scheduler, extra)
 
     def load_checkpoint(self, path: str) -> dict:
-        return checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        extra = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        optimizer.use_fused_cpu_adam(self.optimizer)  # the load restored the saved param-group flags
+        return extra
 
     def shutdown(self) -> None:
         self.par.teardown()

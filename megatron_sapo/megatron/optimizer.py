@@ -51,7 +51,23 @@ def build_optimizer(ocfg: OptimConfig, chunks: list, params_dtype: torch.dtype):
         params_dtype=params_dtype,
         use_distributed_optimizer=ocfg.distributed_optimizer,
     )
-    return get_megatron_optimizer(config, chunks)
+    opt = get_megatron_optimizer(config, chunks)
+    use_fused_cpu_adam(opt)
+    return opt
+
+
+def use_fused_cpu_adam(opt) -> None:
+    """Without TE/Apex (CPU), megatron steps torch's Adam, whose CPU default is the per-tensor loop: ~12
+    small ops per parameter, the cost of a tiny model's step. torch's fused CPU kernel does the same update
+    (to rounding) in one call per parameter group. Also called after a checkpoint load, which restores the
+    saved param-group flags. A no-op with CUDA (megatron uses TE/Apex fused Adam there)."""
+    if torch.cuda.is_available():
+        return
+    for inner in getattr(opt, "chained_optimizers", [opt]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
+            for group in [torch_opt.defaults, *torch_opt.param_groups]:
+                group["fused"], group["foreach"] = True, False
 
 
 def build_scheduler(ocfg: OptimConfig, optimizer, total_steps: int):

@@ -5,11 +5,14 @@ metadata dist_checkpointing uses): TP slices, PP layer offsets, EP expert offset
 factory that stores fc1 as [gate; up] globally. So a global tensor is layout-independent: gathered at
 TP2xPP2xEP2 it equals the one gathered at TP1.
 
-Keys are megatron's checkpoint keys (e.g. `decoder.layers.0.mlp.experts.experts.linear_fc1.weight` with a
-leading expert axis, or `...local_experts.3.linear_fc1.weight`). `gather_global` assembles the whole model
-on every rank, or with `dst` on that rank only (the others send their shards and keep no copy): the weight
-sync uses dst=0. Either way one rank holds the full float32 model at once (large models need a streamed,
-bucketed gather; not built yet).
+Two views:
+- `gather_global`: megatron's checkpoint keys, layers (and experts) stacked on leading axes (e.g.
+  `decoder.layers.mlp.experts.experts.linear_fc1.weight` [layers, experts, 2*ffn, hidden]), assembled on every
+  rank. For tests, conversion and small models: every rank holds the whole model.
+- `stream_global`: the weight sync's path. One tensor per layer (and expert) ("units", named
+  `decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1.weight`), gathered bucket by bucket onto one
+  rank, so that rank holds at most one bucket (about `bucket_mb`, or one unit when a unit is larger) and the
+  others hold nothing beyond their own shards.
 """
 
 from __future__ import annotations
@@ -79,29 +82,27 @@ def _index(sh) -> tuple:
     return points + slices
 
 
-def gather_global(chunks: list, what: str = "param", dst: int | None = None) -> dict[str, torch.Tensor]:
-    """Full global tensors (float32, CPU) on every rank, or only on global rank `dst` ({} elsewhere).
-    what: "param" or "grad" (main_grad under DDP)."""
-
+def _param_or_grad(what: str) -> Callable[[torch.nn.Parameter], torch.Tensor]:
     def tensor_of(p):
         if what == "param":
             return p.detach()
-        grad = getattr(p, "main_grad", None)
+        grad = getattr(p, "main_grad", None)  # DDP accumulates into main_grad
         grad = p.grad if grad is None else grad
         return torch.zeros_like(p) if grad is None else grad.detach()
 
+    return tensor_of
+
+
+def gather_global(chunks: list, what: str = "param") -> dict[str, torch.Tensor]:
+    """Full global tensors (float32, CPU) under megatron's stacked checkpoint keys, on every rank.
+    what: "param" or "grad" (main_grad under DDP)."""
     mine = [
         (key, shape, index, piece.float().cpu().clone())
-        for key, shape, index, piece, main in _sharded_pieces(chunks, tensor_of)
+        for key, shape, index, piece, main in _sharded_pieces(chunks, _param_or_grad(what))
         if main
     ]
     everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-    if dist.is_initialized() and dst is not None:
-        is_dst = dist.get_rank() == dst
-        dist.gather_object(mine, everyone if is_dst else None, dst=dst)
-        if not is_dst:
-            return {}
-    elif dist.is_initialized():
+    if dist.is_initialized():
         dist.all_gather_object(everyone, mine)
     full: dict[str, torch.Tensor] = {}
     for pieces in everyone:
@@ -110,6 +111,87 @@ def gather_global(chunks: list, what: str = "param", dst: int | None = None) -> 
                 full[key] = torch.zeros(shape)
             full[key][index] = piece.reshape(full[key][index].shape)
     return full
+
+
+# ----------------------------------------------------------------------------------------------------------
+# units: one tensor per layer (and expert)
+# ----------------------------------------------------------------------------------------------------------
+def unit_name(key: str, points: tuple[int, ...]) -> str:
+    """Megatron checkpoint key + indices on its stacked axes -> the per-layer (per-expert) name that
+    rollout/weights.megatron_to_hf understands."""
+    rest = list(points)
+    if rest and key.startswith("decoder.layers.") and not key.split(".")[2].isdigit():
+        key = f"decoder.layers.{rest.pop(0)}.{key[len('decoder.layers.') :]}"
+    if rest and ".mlp.experts.experts." in key:
+        head, tail = key.split(".mlp.experts.experts.")
+        key = f"{head}.mlp.experts.local_experts.{rest.pop(0)}.{tail}"
+    if rest:
+        raise ValueError(f"unexpected stacked axes {points} on megatron weight '{key}'")
+    return key
+
+
+def local_units(chunks: list, tensor_of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None) -> Iterator:
+    """(unit name, unit shape, index of the local piece inside the unit, local piece, is_main_replica) for
+    every parameter shard of this rank."""
+    for key, shape, index, piece, main in _sharded_pieces(chunks, tensor_of or _param_or_grad("param")):
+        lead = sum(1 for i in index if isinstance(i, int))  # stacked (layer / expert) axes come first
+        yield unit_name(key, tuple(index[:lead])), tuple(shape[lead:]), tuple(index[lead:]), piece, main
+
+
+def _bucket_plan(units: dict[str, tuple], bucket_mb: float, group) -> list[list[tuple[str, tuple, torch.dtype]]]:
+    """The same list of buckets on every rank: all ranks' units (name, shape, dtype) in rank order, cut
+    into groups of about bucket_mb MB (a unit larger than that is a bucket of its own)."""
+    everyone = [units]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, units, group=group)
+    merged: dict[str, tuple] = {}
+    for rank_units in everyone:
+        for name, meta in rank_units.items():
+            merged.setdefault(name, meta)
+    limit = max(bucket_mb, 1e-6) * 2**20
+    plan, current, size = [], [], 0
+    for name, (shape, dtype) in merged.items():
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if current and size + nbytes > limit:
+            plan.append(current)
+            current, size = [], 0
+        current.append((name, shape, dtype))
+        size += nbytes
+    return plan + ([current] if current else [])
+
+
+@torch.no_grad()
+def stream_global(chunks: list, bucket_mb: float, dst: int = 0, group=None) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the model's parameters as buckets of whole units (in the parameters' own dtype, on the CPU) on
+    global rank `dst`, and an empty dict per bucket elsewhere. A collective: every rank of `group` (default:
+    the world) must run the generator to its end, in step."""
+    pieces: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
+    units: dict[str, tuple] = {}
+    for name, shape, index, piece, main in local_units(chunks):
+        if main:  # one copy of each element (DP / expert-DP replicas are not main)
+            pieces.setdefault(name, []).append((index, piece))
+            units[name] = (shape, piece.dtype)
+    rank = dist.get_rank() if dist.is_initialized() else dst
+    for bucket in _bucket_plan(units, bucket_mb, group):
+        mine = [(name, index, piece.cpu()) for name, _, _ in bucket for index, piece in pieces.get(name, [])]
+        everyone = [mine]
+        if dist.is_initialized():
+            everyone = [None] * dist.get_world_size(group) if rank == dst else None
+            dist.gather_object(mine, everyone, dst=dst, group=group)
+        if rank != dst:
+            yield {}
+            continue
+        full = {name: torch.empty(shape, dtype=dtype) for name, shape, dtype in bucket}
+        filled = dict.fromkeys(full, 0)
+        for rank_pieces in everyone:
+            for name, index, piece in rank_pieces:
+                full[name][index] = piece.reshape(full[name][index].shape)
+                filled[name] += piece.numel()
+        short = [name for name, t in full.items() if filled[name] != t.numel()]
+        if short:  # main replicas tile each unit exactly; anything else is a sharding-metadata bug
+            raise RuntimeError(f"weight gather: units not covered exactly once by the ranks' shards: {short[:5]}")
+        yield full
 
 
 @torch.no_grad()

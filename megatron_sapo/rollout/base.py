@@ -2,10 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+# Weights for a sync, HF-named: one dict, or an iterable of dicts (buckets) that the trainer streams so that no
+# process holds the whole model at once. An iterable may be consumed once only.
+HFWeights = Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
+
+
+def weight_buckets(weights: HFWeights, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
+    """Buckets of about bucket_mb MB: a dict is cut in order (a larger tensor is a bucket of its own); an
+    iterable of buckets passes through as it is (empty ones skipped)."""
+    if not isinstance(weights, Mapping):
+        yield from (dict(bucket) for bucket in weights if bucket)
+        return
+    limit = max(bucket_mb, 1e-6) * 2**20
+    current, size = {}, 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            yield current
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    if current:
+        yield current
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, is_last) pairs, looking one item ahead (the last bucket of a sync carries its version)."""
+    iterator = iter(items)
+    try:
+        previous = next(iterator)
+    except StopIteration:
+        return
+    for item in iterator:
+        yield previous, False
+        previous = item
+    yield previous, True
 
 
 @dataclass
@@ -39,7 +76,9 @@ class RolloutEngine(Protocol):
         """n samples per prompt, ordered by prompt then sample; Sample.group is the prompt index."""
         ...
 
-    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None: ...
+    def update_weights(self, weights: HFWeights, version: int) -> None:
+        """Load the HF-named weights (a dict or streamed buckets) and tag them with `version`."""
+        ...
 
     def health(self) -> bool: ...
 

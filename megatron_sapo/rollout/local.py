@@ -11,7 +11,8 @@ import torch
 
 from megatron_sapo.config import ModelConfig
 from megatron_sapo.megatron.compat import device_args_suspended
-from megatron_sapo.rollout.base import Sample, SamplingParams
+from megatron_sapo.rollout import hf_mask
+from megatron_sapo.rollout.base import HFWeights, Sample, SamplingParams, weight_buckets
 from megatron_sapo.rollout.weights import hf_config_dict
 
 
@@ -27,15 +28,24 @@ def build_hf_model(m: ModelConfig, eos_token_id: int | None = None) -> torch.nn.
 class LocalEngine:
     def __init__(self, model_cfg: ModelConfig, eos_token_id: int, pad_token_id: int):
         self.model = build_hf_model(model_cfg, eos_token_id)
+        # sdpa with a mask built without vmap: the same tokens, ~45% less generate() time on tiny models
+        self.model.set_attn_implementation(hf_mask.register())
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.weight_version = -1
 
-    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
-        missing, unexpected = self.model.load_state_dict(hf_state, strict=False)
-        # lm_head is absent when embeddings are tied; anything else missing is a mapping bug
-        missing = [k for k in missing if k != "lm_head.weight" or not self.model.config.tie_word_embeddings]
-        if missing or unexpected:
+    def update_weights(self, weights: HFWeights, version: int) -> None:
+        """Load a dict or streamed buckets; every model weight must arrive exactly once in total."""
+        expected = set(self.model.state_dict())
+        if self.model.config.tie_word_embeddings:
+            expected.discard("lm_head.weight")  # tied to the embedding
+        loaded, unexpected = set(), []
+        for bucket in weight_buckets(weights, bucket_mb=float("inf")):
+            unexpected += [name for name in bucket if name not in expected]
+            self.model.load_state_dict({k: v for k, v in bucket.items() if k in expected}, strict=False)
+            loaded.update(bucket)
+        missing = sorted(expected - loaded)
+        if missing or unexpected:  # a mapping bug
             raise KeyError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.weight_version = version
 
@@ -64,7 +74,8 @@ class LocalEngine:
             torch.set_rng_state(generator_state)
         new_tokens = out.sequences[:, width:]
         # log pi_rollout: the sampling distribution softmax(logits / temperature) at the chosen token
-        logits = torch.stack(out.logits, dim=1).float() / params.temperature
+        # (greedy, temperature 0: the model's own distribution, temperature 1)
+        logits = torch.stack(out.logits, dim=1).float() / (params.temperature or 1.0)
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [self._sample(i, expanded[i], new_tokens[i], log_probs[i], params) for i in range(len(expanded))]
 
@@ -72,10 +83,11 @@ class LocalEngine:
         return self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            do_sample=True,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=0,
+            **(
+                dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+                if params.temperature > 0
+                else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            ),
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,

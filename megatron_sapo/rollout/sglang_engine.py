@@ -1,7 +1,7 @@
 """The SGLang rollout engine: launch (or attach to) SGLang servers, sample groups, sync weights, recover.
 
     engine = SGLangEngine(cfg.rollout, cfg.model, work_dir="runs/x/sglang", tokenizer_path=tok_dir, eos_token_id=2)
-    engine.update_weights(hf_state, version=0)          # + a log-prob check against the trainer's weights
+    engine.update_weights(hf_state, version=0)          # a dict or streamed buckets; + a log-prob check
     samples = engine.generate(prompts, SamplingParams(n=8, max_new_tokens=16))
     engine.shutdown()                                   # stops exactly the servers it started
 
@@ -27,7 +27,7 @@ import torch
 
 from megatron_sapo.config import ModelConfig, RolloutConfig
 from megatron_sapo.diagnostics.progress import progress_bar
-from megatron_sapo.rollout.base import Sample, SamplingParams
+from megatron_sapo.rollout.base import HFWeights, Sample, SamplingParams, weight_buckets
 from megatron_sapo.rollout.sglang_client import (
     RETRYABLE,
     SGLangAborted,
@@ -381,17 +381,28 @@ class SGLangEngine:
     # ------------------------------------------------------------------------------------------------------
     # weights
     # ------------------------------------------------------------------------------------------------------
-    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
+    def update_weights(self, weights: HFWeights, version: int) -> None:
+        """Push the weights (a dict or the trainer's streamed buckets) to every server, then check log-probs.
+        Under the tensor / distributed transports a host copy is kept, for a restarted server (the disk transport's
+        folder is its copy)."""
         start = time.perf_counter()
         if self.servers and not all(s.alive() for s in self.servers):
             self._recover()
-        self.sync.push(self.urls, hf_state, version)
+        disk = isinstance(self.sync, DiskSync)
+        kept: dict[str, torch.Tensor] | None = None if disk else {}
+
+        def keep(buckets):
+            for bucket in buckets:
+                if kept is not None:
+                    kept.update((name, t.detach().cpu()) for name, t in bucket.items())
+                yield bucket
+
+        self.sync.push(self.urls, keep(weight_buckets(weights, self.cfg.bucket_mb)), version)
         self.weight_version = version
-        if not isinstance(self.sync, DiskSync):
-            self._last_state = hf_state  # what a restarted server gets (disk: the newest folder)
+        self._last_state = kept
         self.last_sync_s = time.perf_counter() - start
         if self.cfg.verify_sequences > 0:
-            self.last_check = self.check_log_probs(hf_state)
+            self.last_check = self.check_log_probs()
             worst = self.last_check["sync/logprob_abs_diff_max"]
             if worst > self.cfg.verify_tol:
                 raise LogProbMismatch(
@@ -409,8 +420,11 @@ class SGLangEngine:
         if self.reference_fn is not None:
             return self.reference_fn(tokens)
         from megatron_sapo.rollout.local import build_hf_model
+        from megatron_sapo.rollout.weights import load_hf_state
 
         state = hf_state if hf_state is not None else self._last_state
+        if state is None and isinstance(self.sync, DiskSync) and self.sync.latest is not None:
+            state = load_hf_state(self.sync.latest)  # the disk transport keeps no host copy: read its folder
         if state is None:
             raise SGLangError("no trainer weights to compare with: call update_weights first")
         if self._ref_model is None:

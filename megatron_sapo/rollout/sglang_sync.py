@@ -1,9 +1,11 @@
 """Weight sync from the trainer to SGLang servers: the `disk`, `tensor` and `distributed` transports.
 
-Input is always an HF-named state dict (rollout/weights.megatron_to_hf of the trainer's global state) and an
-integer version, which every server records as its weight_version (checked on every /generate response).
+Input is HF-named weights (rollout/weights.megatron_to_hf of the trainer's weights): one dict, or the buckets the
+trainer streams (rollout/base.HFWeights; each is consumed once, so the trainer never holds the whole model), and
+an integer version, which every server records as its weight_version (checked on every /generate response).
 
-    disk         save_hf_checkpoint(...) to <work_dir>/weights/v<version>, then /update_weights_from_disk
+    disk         one safetensors file per bucket (+ index) to <work_dir>/weights/v<version>, then
+                 /update_weights_from_disk
     tensor       colocated only: /begin_weight_update, /update_weights_from_tensor (tensors shared through
                  shared memory, or CUDA IPC on GPU), /end_weight_update
     distributed  a process group between the trainer (rank 0) and every server's TP ranks (gloo on CPU,
@@ -11,7 +13,8 @@ integer version, which every server records as its weight_version (checked on ev
                  /update_weights_from_distributed (names, dtypes, shapes) while the trainer broadcasts each
                  tensor, /end_weight_update
 
-Tensors are sent in buckets of about `bucket_mb` MB; the version is set with the last bucket.
+Tensors are sent in buckets of about `bucket_mb` MB, each to every server before the next is read; the version is
+set with the last bucket.
 """
 
 from __future__ import annotations
@@ -28,28 +31,13 @@ from datetime import timedelta
 import torch
 
 from megatron_sapo.config import ModelConfig
+from megatron_sapo.rollout.base import HFWeights, weight_buckets, with_last
 from megatron_sapo.rollout.sglang_client import SGLangClient, SGLangError
-from megatron_sapo.rollout.weights import save_hf_checkpoint
+from megatron_sapo.rollout.weights import save_hf_buckets
 
 
 class WeightSyncError(SGLangError):
     """A server refused or failed a weight update; the message names it and the transport."""
-
-
-def buckets(state: dict[str, torch.Tensor], bucket_mb: float) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups of named tensors of about bucket_mb MB (a larger tensor forms its own bucket)."""
-    limit = max(bucket_mb, 1e-6) * 2**20
-    out, current, size = [], [], 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            out.append(current)
-            current, size = [], 0
-        current.append((name, tensor))
-        size += nbytes
-    if current:
-        out.append(current)
-    return out
 
 
 def _check(result, url: str, what: str) -> None:
@@ -71,18 +59,20 @@ def _each_server(urls: list[str], fn) -> list:
 class DiskSync:
     name = "disk"
 
-    def __init__(self, client: SGLangClient, model_cfg: ModelConfig, work_dir: str, eos_token_id=None, keep: int = 1):
+    def __init__(self, client: SGLangClient, model_cfg: ModelConfig, work_dir: str, eos_token_id=None, keep: int = 1,
+                 bucket_mb: float = 512):  # fmt: skip
         self.client, self.model_cfg, self.eos_token_id = client, model_cfg, eos_token_id
-        self.root, self.keep = os.path.join(work_dir, "weights"), keep
+        self.root, self.keep, self.bucket_mb = os.path.join(work_dir, "weights"), keep, bucket_mb
         self.latest: str | None = None
 
-    def write(self, hf_state: dict[str, torch.Tensor], version: int) -> str:
-        path = save_hf_checkpoint(hf_state, self.model_cfg, os.path.join(self.root, f"v{version}"), self.eos_token_id)
+    def write(self, weights: HFWeights, version: int) -> str:
+        path = os.path.join(self.root, f"v{version}")
+        save_hf_buckets(weight_buckets(weights, self.bucket_mb), self.model_cfg, path, self.eos_token_id)
         self.latest = path
         return path
 
-    def push(self, urls: list[str], hf_state: dict[str, torch.Tensor], version: int) -> None:
-        path = self.write(hf_state, version)
+    def push(self, urls: list[str], weights: HFWeights, version: int) -> None:
+        path = self.write(weights, version)
 
         def one(url):
             body = {"model_path": os.path.abspath(path), "weight_version": str(version), "flush_cache": True}
@@ -136,24 +126,23 @@ class TensorSync:
             # authkey, which the server does not have; 'file_system' shares them by /dev/shm name instead
             torch.multiprocessing.set_sharing_strategy("file_system")
 
-    def push(self, urls: list[str], hf_state: dict[str, torch.Tensor], version: int) -> None:
-        groups = buckets(hf_state, self.bucket_mb)
+    def push(self, urls: list[str], weights: HFWeights, version: int) -> None:
+        _each_server(urls, lambda url: _check(self.client.post(url, "/begin_weight_update", {}), url, "begin"))
+        try:
+            for i, (bucket, last) in enumerate(with_last(weight_buckets(weights, self.bucket_mb))):
+                shared = [(n, t.detach().contiguous()) for n, t in bucket.items()]  # alive until the servers read
+                payload = serialize_named_tensors(shared)
+                body = {"serialized_named_tensors": [payload] * self.tp, "flush_cache": last}
+                if last:
+                    body["weight_version"] = str(version)
 
-        def one(url):
-            _check(self.client.post(url, "/begin_weight_update", {}), url, "/begin_weight_update")
-            try:
-                for i, bucket in enumerate(groups):
-                    shared = [(n, t.detach().contiguous()) for n, t in bucket]  # kept alive until the server read
-                    payload = serialize_named_tensors(shared)
-                    body = {"serialized_named_tensors": [payload] * self.tp, "flush_cache": i == len(groups) - 1}
-                    if i == len(groups) - 1:
-                        body["weight_version"] = str(version)
+                def one(url, body=body, i=i):
                     _check(self.client.post(url, "/update_weights_from_tensor", body, retries=0), url,
-                           f"/update_weights_from_tensor (bucket {i + 1}/{len(groups)})")  # fmt: skip
-            finally:
-                _check(self.client.post(url, "/end_weight_update", {}), url, "/end_weight_update")
+                           f"/update_weights_from_tensor (bucket {i + 1})")  # fmt: skip
 
-        _each_server(urls, one)
+                _each_server(urls, one)
+        finally:
+            _each_server(urls, lambda url: _check(self.client.post(url, "/end_weight_update", {}), url, "end"))
 
     def close(self) -> None:
         pass
@@ -222,18 +211,16 @@ class DistributedSync:
             raise errors[0]
         self.group_urls = list(urls)
 
-    def push(self, urls: list[str], hf_state: dict[str, torch.Tensor], version: int) -> None:
+    def push(self, urls: list[str], weights: HFWeights, version: int) -> None:
         if self.group is None or self.group_urls != list(urls):
             self._connect(urls)  # first sync, or a server was restarted / replaced
-        groups = buckets(hf_state, self.bucket_mb)
         _each_server(urls, lambda url: _check(self.client.post(url, "/begin_weight_update", {}), url, "begin"))
         try:
-            for i, bucket in enumerate(groups):
-                last = i == len(groups) - 1
+            for bucket, last in with_last(weight_buckets(weights, self.bucket_mb)):
                 body = {
-                    "names": [n for n, _ in bucket],
-                    "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket],
+                    "names": list(bucket),
+                    "dtypes": [str(t.dtype).removeprefix("torch.") for t in bucket.values()],
+                    "shapes": [list(t.shape) for t in bucket.values()],
                     "group_name": self.group_name,
                     "flush_cache": last,
                 }
@@ -257,7 +244,7 @@ class DistributedSync:
         for t in threads:
             t.start()
         device = "cuda" if self.backend == "nccl" else "cpu"
-        for _, tensor in bucket:  # the servers receive in the order of `names`
+        for tensor in bucket.values():  # the servers receive in the order of `names`
             self.group.broadcast(tensor.detach().to(device).contiguous(), 0).wait()
         for t in threads:
             t.join(self.timeout_s)
@@ -283,7 +270,7 @@ class DistributedSync:
 def build_sync(kind: str, client: SGLangClient, model_cfg: ModelConfig, work_dir: str, tp: int, bucket_mb: float,
                eos_token_id=None, timeout_s: float = 300.0):  # fmt: skip
     if kind == "disk":
-        return DiskSync(client, model_cfg, work_dir, eos_token_id)
+        return DiskSync(client, model_cfg, work_dir, eos_token_id, bucket_mb=bucket_mb)
     if kind == "tensor":
         return TensorSync(client, tp, bucket_mb)
     if kind == "distributed":

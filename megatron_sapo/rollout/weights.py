@@ -157,12 +157,39 @@ def hf_config_dict(m: ModelConfig, eos_token_id: int | None = None) -> dict:
 
 def save_hf_checkpoint(hf_state: dict[str, torch.Tensor], m: ModelConfig, out_dir: str, eos_token_id=None) -> str:
     """Write config.json + model.safetensors (what /update_weights_from_disk and from_pretrained read)."""
+    return save_hf_buckets([hf_state], m, out_dir, eos_token_id)
+
+
+def save_hf_buckets(buckets, m: ModelConfig, out_dir: str, eos_token_id=None) -> str:
+    """Write an HF checkpoint from HF-named buckets (dicts), one safetensors file per bucket as it arrives, so
+    the writer holds one bucket at a time: `model.safetensors` for a single bucket, else
+    `model-0000i.safetensors` + `model.safetensors.index.json`. Each file appears whole (tmp + rename); weight
+    files of an earlier write in out_dir are removed so that loaders do not see two copies."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in hf_state.items()}, tmp)
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # readers never see half a file
+    weight_map, files, total = {}, [], 0
+    for i, bucket in enumerate(buckets):
+        name = f"model-{i + 1:05d}.safetensors"
+        tmp = os.path.join(out_dir, name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in bucket.items()}, tmp)
+        os.replace(tmp, os.path.join(out_dir, name))
+        files.append(name)
+        weight_map.update(dict.fromkeys(bucket, name))
+        total += sum(v.numel() * v.element_size() for v in bucket.values())
+    if len(files) == 1:
+        os.replace(os.path.join(out_dir, files[0]), os.path.join(out_dir, "model.safetensors"))
+        files = ["model.safetensors"]
+    else:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(out_dir, "model.safetensors.index.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+        os.replace(os.path.join(out_dir, "model.safetensors.index.json.tmp"),
+                   os.path.join(out_dir, "model.safetensors.index.json"))  # fmt: skip
+        files.append("model.safetensors.index.json")
+    for stale in os.listdir(out_dir):
+        if stale.startswith("model") and stale.endswith((".safetensors", ".index.json")) and stale not in files:
+            os.remove(os.path.join(out_dir, stale))
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config_dict(m, eos_token_id), f, indent=2)
     return out_dir

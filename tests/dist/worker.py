@@ -210,16 +210,33 @@ def check_gloo_uneven_gather() -> dict:
     return {"patched_ok": patched_ok, "original_ok": original_ok}
 
 
-def check_gather_to_one_rank(eng: MegatronEngine, w0: dict) -> dict:
-    """global_state_dict(dst=0): rank 0 gets exactly the all-gathered weights (= w0), the others nothing."""
-    everywhere, on_zero = eng.global_state_dict(), eng.global_state_dict(dst=0)
+def check_stream_to_one_rank(eng: MegatronEngine) -> dict:
+    """weight_buckets(dst=0): rank 0 receives every per-layer / per-expert tensor exactly once, in buckets no
+    larger than the limit (or one tensor), equal to the all-gathered weights; the other ranks get as many
+    empty buckets."""
+    from megatron_sapo.rollout.weights import unstack_layers
+
+    everywhere = unstack_layers(eng.global_state_dict())  # stacked keys -> one name per layer / expert
+    limit_mb = 0.05
+    buckets = list(eng.weight_buckets(limit_mb, dst=0))
+    count = torch.tensor([len(buckets)])
     if dist.get_rank() == 0:
-        ok = sorted(on_zero) == sorted(w0) and all(torch.equal(on_zero[k], everywhere[k]) for k in w0)
+        names = [n for b in buckets for n in b]
+        streamed = {n: t for b in buckets for n, t in b.items()}
+        sizes = [sum(t.numel() * t.element_size() for t in b.values()) for b in buckets]
+        ok = (
+            len(names) == len(set(names))
+            and sorted(streamed) == sorted(everywhere)
+            and all(torch.equal(streamed[k], everywhere[k]) for k in everywhere)
+            and all(size <= limit_mb * 2**20 or len(b) == 1 for size, b in zip(sizes, buckets))
+        )
     else:
-        ok = on_zero == {}
+        ok = all(b == {} for b in buckets)
     flag = torch.tensor([1 if ok else 0])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return {"all_ranks_ok": bool(flag.item()), "keys": len(everywhere)}
+    counts = torch.cat([count, -count])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # max and -min of the bucket counts
+    return {"all_ranks_ok": bool(flag.item()), "buckets": len(buckets), "same_count": int(counts[0]) == -int(counts[1])}
 
 
 def phase_multi(out_dir: str, ref: dict) -> dict:
@@ -251,7 +268,7 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
 
     big = dict(tp=2, pp=2, ep=2, sp=True, dp=1)
     with Layout(make_config(distopt=True, **big), w0) as eng:
-        res["gather_dst0"] = check_gather_to_one_rank(eng, w0)
+        res["gather_dst0"] = check_stream_to_one_rank(eng)
         res["opt_losses"] = [eng.train_minibatch(batch)["loss"] for _ in range(3)]
     ckpt2 = os.path.join(out_dir, "ckpt_multi_step2")
     with Layout(make_config(distopt=True, **big), None) as eng:

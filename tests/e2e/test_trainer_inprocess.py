@@ -90,14 +90,45 @@ def test_plot_tool_writes_pngs_from_a_recorded_run(tmp_path):
 
 
 def test_kl_penalty_uses_the_initial_policy_as_reference(tmp_path):
+    """The reference is the initial policy (here model.hf_path's weights), copied shard by shard and kept in
+    the run folder as a weights-only checkpoint; a resumed run takes it from there, not from hf_path (changed
+    below) nor from the resumed policy."""
+    import torch
+
+    from megatron_sapo.data.tokenizer import build_tiny_tokenizer
+    from megatron_sapo.rollout.local import build_hf_model
+    from megatron_sapo.rollout.weights import megatron_to_hf, save_hf_checkpoint
+    from megatron_sapo.trainer import REFERENCE_DIR, Trainer
+
     rows = [{"prompt": f"copy:{i}{i}{i}=", "answer": f"{i}{i}{i}", "task": "copy"} for i in range(8)]
     data = _write_rows(tmp_path / "copy.jsonl", rows)
-    history = _train(_cfg(tmp_path, data, "train.steps=2", "algo.kl_coef=0.1"))
+    hf = str(tmp_path / "hf")
+    cfg = _cfg(tmp_path, data, "train.steps=2", "algo.kl_coef=0.1", f"model.hf_path={hf}", "checkpoint.resume=auto")
+    initial = build_hf_model(cfg.model).state_dict()
+    save_hf_checkpoint(initial, cfg.model, hf)
+    build_tiny_tokenizer(hf)
+    killed = tmp_path / "run" / f"{REFERENCE_DIR}.tmp"  # an earlier write killed midway: never loaded
+    killed.mkdir(parents=True)
+    (killed / "junk").write_text("half a checkpoint")
+    history = _train(cfg)
     # step 1's first mini-batch runs on the initial weights: policy == reference, so its KL starts at 0 and
     # grows as the policy moves; it is reported, and the reference weights were saved for a resume
     assert all("kl_ref" in m for m in history)
     assert 0.0 <= history[0]["kl_ref"] < history[1]["kl_ref"]
-    assert (tmp_path / "run" / "reference_weights.pt").exists()
+    assert (tmp_path / "run" / REFERENCE_DIR).is_dir() and not killed.exists()
+
+    save_hf_checkpoint({k: v + 1.0 for k, v in initial.items()}, cfg.model, hf)
+    trainer = Trainer(cfg)  # resumes from step 2
+    try:
+        assert trainer.step == 2
+        reference = megatron_to_hf(trainer.reference.global_state_dict(), cfg.model)
+        for name, tensor in initial.items():
+            assert torch.equal(reference[name], tensor), name
+        policy = megatron_to_hf(trainer.engine.global_state_dict(), cfg.model)
+        assert not all(torch.equal(policy[n], reference[n]) for n in initial)  # the resumed, trained weights
+    finally:
+        trainer.engine.shutdown()
+        trainer.rollout.shutdown()
 
 
 def test_model_hf_path_sets_the_initial_weights(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -76,11 +77,19 @@ def engine(tiny, tmp_path_factory):
     yield eng
     eng.shutdown()
     for pid in pids + [p for p in eng.pids if p]:
-        try:  # stopped: the process (and its session) is gone
-            os.killpg(pid, 0)
-            raise AssertionError(f"server process group {pid} still alive after shutdown")
+        wait_group_gone(pid, "server")
+
+
+def wait_group_gone(pgid: int, what: str, timeout_s: float = 30) -> None:
+    """Assert that a stopped process group disappears (its last children are reaped within seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
         except ProcessLookupError:
-            pass
+            return
+        assert time.monotonic() < deadline, f"{what} process group {pgid} still alive {timeout_s} s after stop"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import copy
 import os
-import time
+import signal
 
 import pytest
 
 from megatron_sapo.rollout.base import SamplingParams
 from megatron_sapo.rollout.sglang_client import SGLangClient, SGLangError
 
-from .conftest import perturbed
+from .conftest import perturbed, wait_group_gone
 from .test_generate import LOGPROB_TOL
 
 PROMPTS = [[1, 5 + i, 6 + i, 7 + i] for i in range(8)]
@@ -56,19 +56,8 @@ def routed(tiny, kit_python, tmp_path_factory):
     pids = [p for p in eng.pids if p] + [eng.router.pid]
     yield eng
     eng.shutdown()
-    for pid in pids:  # the servers and the router are gone (children that outlived them: reaped within seconds)
-        deadline = time.monotonic() + 30
-        while _group_exists(pid):
-            assert time.monotonic() < deadline, f"process group {pid} still alive after shutdown"
-            time.sleep(0.2)
-
-
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+    for pid in pids:  # the servers and the router are gone
+        wait_group_gone(pid, "server or router")
 
 
 def test_router_generation_and_weight_sync_reach_both_servers(routed, initial_state):
@@ -92,6 +81,19 @@ def test_router_generation_and_weight_sync_reach_both_servers(routed, initial_st
     assert eng.last_check["sync/logprob_abs_diff_max"] < LOGPROB_TOL  # both servers serve the new weights
     assert eng.last_check["sync/tokens_checked"] == 2 * eng.cfg.verify_sequences * 8
     assert all(s.weight_version == 21 for s in eng.generate(PROMPTS, PARAMS))
+
+
+def test_killed_router_is_restarted(routed):
+    """The router dies between calls: the next generate() finds it unreachable, restarts it (new PID, same URL)
+    and every prompt group comes back once, from the unchanged weights."""
+    eng = routed
+    old_pid = eng.router.pid
+    os.killpg(old_pid, signal.SIGKILL)
+    eng.router.proc.wait(timeout=30)  # reaped (a killed child stays a zombie until its parent waits)
+    samples = eng.generate(PROMPTS, PARAMS)
+    assert eng.router.pid != old_pid and eng.health()
+    assert [s.group for s in samples] == [g for g in range(len(PROMPTS)) for _ in range(PARAMS.n)]
+    assert all(s.weight_version == eng.weight_version for s in samples)
 
 
 def test_router_without_routed_experts_is_a_clear_error(routed, tiny, tmp_path):

@@ -7,10 +7,10 @@ import base64
 import pytest
 import torch
 
+from megatron_sapo.rollout.base import weight_buckets, with_last
 from megatron_sapo.rollout.sglang_client import SGLangClient, SGLangRequestError, SGLangUnreachable
 from megatron_sapo.rollout.sglang_engine import decode_routed_experts
 from megatron_sapo.rollout.sglang_server import free_ports
-from megatron_sapo.rollout.sglang_sync import buckets
 
 
 def test_decode_routed_experts_round_trip():
@@ -23,10 +23,14 @@ def test_decode_routed_experts_round_trip():
 
 def test_buckets_keep_order_and_size():
     state = {f"w{i}": torch.zeros(256) for i in range(10)}  # 1 KiB each
-    groups = buckets(state, bucket_mb=3 / 1024)
+    groups = list(weight_buckets(state, bucket_mb=3 / 1024))
     assert [len(g) for g in groups] == [3, 3, 3, 1]
-    assert [n for g in groups for n, _ in g] == list(state)
-    assert len(buckets({"big": torch.zeros(10_000)}, bucket_mb=1 / 1024)) == 1  # a large tensor is its own bucket
+    assert [n for g in groups for n in g] == list(state)
+    assert len(list(weight_buckets({"big": torch.zeros(10_000)}, bucket_mb=1 / 1024))) == 1  # its own bucket
+    streamed = [{"a": torch.zeros(1)}, {}, {"b": torch.zeros(1)}]  # the trainer's buckets pass through, empty skipped
+    assert [list(b) for b in weight_buckets(iter(streamed), bucket_mb=1e-9)] == [["a"], ["b"]]
+    assert list(with_last(iter("xyz"))) == [("x", False), ("y", False), ("z", True)]
+    assert list(with_last([])) == []
 
 
 def test_client_errors_name_the_server():

@@ -191,3 +191,24 @@ def test_distopt_checkpoint_unshares_adam_step():
         assert len({id(s) for s in shared}) == 1  # what the patch fixes
     finally:
         engine.shutdown()
+
+
+def test_multi_tensor_fallbacks_are_bitwise_the_originals():
+    from megatron.core.optimizer import clip_grads
+
+    originals = compat.original("multi_tensor_fallbacks")
+    assert clip_grads.l2_norm_impl is not originals["l2_norm"]
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen) for shape in [(64, 64), (7,), (3, 5, 11), (1,)]]
+    flag = torch.zeros(1, dtype=torch.int)
+    want, _ = originals["l2_norm"](2048, flag, [tensors], False)
+    got, _ = clip_grads.l2_norm_impl(2048, flag, [tensors], False)
+    assert got.shape == want.shape == (1,) and torch.equal(got, want)
+    scaled = [t.clone() for t in tensors]
+    clip_grads.multi_tensor_scale_impl(2048, flag, [scaled, scaled], 0.37)  # in place, as clipping does
+    expect = [t.clone() for t in tensors]
+    originals["scale"](2048, flag, [expect, expect], 0.37)
+    assert all(torch.equal(a, b) for a, b in zip(scaled, expect))
+    out = [torch.empty_like(t) for t in tensors]  # copies between tensors go to the original
+    clip_grads.multi_tensor_scale_impl(2048, flag, [tensors, out], 2.0)
+    assert all(torch.equal(o, t * 2.0) for o, t in zip(out, tensors))

@@ -189,3 +189,18 @@ def test_training_forward_record_holds_its_log_probs(engine):
     mask = batch["loss_mask"].bool()
     torch.testing.assert_close(record["log_probs"][mask], batch["old_log_probs"][mask], rtol=1e-5, atol=1e-6)
     assert record["ids"].shape[:2] == batch["loss_mask"].shape and record["log_probs"].shape == mask.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU only: megatron uses TE/Apex fused Adam on GPU")
+def test_cpu_adam_is_fused_and_stays_fused_after_a_checkpoint_load(engine, tmp_path):
+    def flags():
+        groups = [g for o in engine.optimizer.chained_optimizers for g in o.optimizer.param_groups]
+        return {(g["fused"], g["foreach"]) for g in groups}
+
+    assert flags() == {(True, False)}
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    for o in engine.optimizer.chained_optimizers:  # as a checkpoint from before fused Adam would restore them
+        for g in o.optimizer.param_groups:
+            g["fused"], g["foreach"] = None, None
+    engine.load_checkpoint(str(tmp_path / "ckpt"))
+    assert flags() == {(True, False)}
