@@ -51,6 +51,10 @@ class ModelConfig:
     rotary_base: int = 10000
     tie_embeddings: bool = False
     init_method_std: float = 0.02
+    # Random initial weights (without model.hf_path). megatron: megatron-core's own RNG streams, which depend on
+    # the layout. seeded: every per-layer / per-expert tensor drawn from a generator seeded by (train.seed, its
+    # name) with megatron's init rules, so TP/PP/EP/DP layouts start from identical weights.
+    init: Literal["megatron", "seeded"] = "megatron"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # Activation recompute in training (megatron TransformerConfig fields of the same names). full: whole
     # layers, chosen by recompute_method / recompute_num_layers; selective: the recompute_modules.
@@ -126,6 +130,7 @@ class SGLangConfig:
     verify_tol: float = 1e-3  # max |served - trainer| log-prob allowed by that check
     router: bool = False  # sglang-router in front of the servers: generation through it, weight syncs to each
     router_args: list[str] = field(default_factory=list)  # more launch_router args, e.g. [--policy, round_robin]
+    cpu_threads: int = 0  # CPU servers: OpenMP threads each (OMP_NUM_THREADS); 0 = inherit the environment
 
 
 @dataclass
@@ -518,7 +523,7 @@ def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig, cp: int = 1,
 def _validate_sglang(g: SGLangConfig) -> None:
     for name in ("num_servers", "tp", "max_concurrency"):
         _require(getattr(g, name) >= 1, f"rollout.sglang.{name}", f"must be >= 1, got {getattr(g, name)}")
-    for name in ("retries", "max_restarts", "verify_sequences", "max_total_tokens", "base_gpu_id"):
+    for name in ("retries", "max_restarts", "verify_sequences", "max_total_tokens", "base_gpu_id", "cpu_threads"):
         _require(getattr(g, name) >= 0, f"rollout.sglang.{name}", f"must be >= 0, got {getattr(g, name)}")
     for name in ("bucket_mb", "verify_tol", "startup_timeout_s", "request_timeout_s"):
         _require(getattr(g, name) > 0, f"rollout.sglang.{name}", f"must be > 0, got {getattr(g, name)}")

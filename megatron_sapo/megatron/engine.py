@@ -31,6 +31,8 @@ class MegatronEngine:
         self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
         self.tcfg = model.build_transformer_config(cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm)
         chunks = model.build_model_chunks(cfg.model, self.tcfg, cfg.parallel)
+        if cfg.model.init == "seeded":  # before DDP and the optimizer copy the weights
+            model.seeded_init(chunks, cfg.model, cfg.train.seed)
         self.routing = routing.RoutingHandle.attach(chunks, self.tcfg, self.par)  # None for a dense model
         self.head = attach_log_prob_head(chunks, self.par.tp_group)
         self.model = optimizer.wrap_ddp(chunks, self.tcfg, cfg.optim.distributed_optimizer)

@@ -9,6 +9,9 @@ GPU (dtype="auto").
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import torch
 import torch.nn.functional as F
 
@@ -160,3 +163,40 @@ def build_model_chunks(mcfg: ModelConfig, tcfg, pcfg: ParallelConfig) -> list:
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+# Megatron's init rules (TransformerConfig): norms start at 1; the layers that write into the residual stream
+# (attention out, MLP / expert fc2) use output_layer_init_method = N(0, std / sqrt(2 * num_layers)); every other
+# weight (embedding, qkv, fc1, router, output layer) init_method = N(0, std).
+_SCALED_INIT = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _init_std(unit: str, mcfg: ModelConfig) -> float | None:
+    """Standard deviation of a weight's normal init, or None for a norm weight (ones)."""
+    if "layernorm" in unit or "layer_norm" in unit:  # q/k/input/pre-mlp/final layernorm, TE's fused norm weights
+        return None
+    if unit.endswith(_SCALED_INIT):
+        return mcfg.init_method_std / math.sqrt(2 * mcfg.num_layers)
+    return mcfg.init_method_std
+
+
+@torch.no_grad()
+def seeded_init(chunks: list, mcfg: ModelConfig, seed: int) -> int:
+    """model.init=seeded: overwrite this rank's shards so that every whole tensor is the same whatever the layout:
+    each unit is drawn in full from a generator seeded by (seed, its name), and each rank keeps its slices.
+    Returns the number of units drawn. Memory: one unit at a time."""
+    from megatron_sapo.megatron.weights import local_units
+
+    by_unit: dict[str, tuple[tuple, list]] = {}
+    for unit, shape, index, piece, _ in local_units(chunks, lambda p: p.data):
+        by_unit.setdefault(unit, (shape, []))[1].append((index, piece))
+    for unit, (shape, pieces) in by_unit.items():
+        std = _init_std(unit, mcfg)
+        if std is None:
+            full = torch.ones(shape)
+        else:
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{unit}".encode()))
+            full = torch.randn(shape, generator=generator) * std
+        for index, piece in pieces:
+            piece.copy_(full[index].reshape(piece.shape))
+    return len(by_unit)

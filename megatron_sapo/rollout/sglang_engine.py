@@ -158,7 +158,7 @@ class SGLangEngine:
                 base_gpu_id=self.cfg.base_gpu_id + i * self.cfg.tp,
                 max_total_tokens=max_tokens, weight_version="-1", routed_experts=self.routed_experts,
                 random_seed=self.seed + i, extra_args=["--dtype", self.dtype, *self.cfg.extra_args],
-                tokenizer_path=self.tokenizer_path,
+                tokenizer_path=self.tokenizer_path, cpu_threads=self.cfg.cpu_threads,
             ))  # fmt: skip
         try:
             for server in self.servers:

@@ -98,12 +98,14 @@ class ServerProcess:
         random_seed: int = 0,
         extra_args: list[str] = (),
         tokenizer_path: str | None = None,
+        cpu_threads: int = 0,
     ):
         self.python, self.model_path, self.port, self.log_path = python, model_path, port, log_path
         self.host, self.device, self.tp, self.base_gpu_id = host, device, tp, base_gpu_id
         self.max_total_tokens, self.weight_version = max_total_tokens, weight_version
         self.routed_experts, self.random_seed = routed_experts, random_seed
         self.extra_args, self.tokenizer_path = list(extra_args), tokenizer_path
+        self.cpu_threads = cpu_threads
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
 
@@ -140,6 +142,8 @@ class ServerProcess:
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"  # sglang's is_cpu() is False without it, even with --device cpu
+            if self.cpu_threads > 0:  # else inherited; torch's default is a thread per core, costly beside a trainer
+                env["OMP_NUM_THREADS"] = str(self.cpu_threads)
         # the trainer's PYTHONPATH (its own site-packages, megatron) must not leak into the server's venv
         env.pop("PYTHONPATH", None)
         # nor the trainer's torch.distributed world (torchrun / srun): with RANK, WORLD_SIZE, MASTER_PORT of a

@@ -37,6 +37,7 @@ def make_config(tie: bool = False, **parallel) -> Config:
     m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups = 4, 64, 4, 2
     m.vocab_size, m.max_seq_len, m.num_experts, m.moe_topk, m.moe_ffn_hidden_size = 128, 64, 4, 2, 32
     m.tie_embeddings = tie
+    m.init = "seeded"  # layout-independent initial weights: checked against world size 1 before the HF load
     cfg.parallel = ParallelConfig(**parallel)
     return cfg
 
@@ -49,6 +50,7 @@ def load_at(name: str, layout: dict, hf_dir: str, ref: dict) -> dict:
     par = init_parallel(cfg.parallel, seed=cfg.train.seed)
     try:
         engine = MegatronEngine(cfg, parallel=par)
+        initial = engine.global_state_dict()
         read: list[str] = []
         original = hf_checkpoint.HFReader.get
         hf_checkpoint.HFReader.get = lambda self, n: read.append(n) or original(self, n)
@@ -60,9 +62,11 @@ def load_at(name: str, layout: dict, hf_dir: str, ref: dict) -> dict:
         mine = {"pp_rank": par.pp_rank, "ep_rank": par.ep_rank, "tp_rank": par.tp_rank, "read": read}
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        want = ref["tied" if tie else "untied"]
+        want, want_initial = ref["tied" if tie else "untied"], ref["initial_tied" if tie else "initial_untied"]
         same = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-        return {"equal": same, "ranks": everyone}
+        seeded = initial.keys() == want_initial.keys() and all(torch.equal(initial[k], want_initial[k])
+                                                               for k in want_initial)  # fmt: skip
+        return {"equal": same, "seeded_init_equal": seeded, "ranks": everyone}
     finally:
         par.teardown()
 

@@ -1,5 +1,6 @@
 """Sharded HF checkpoint loading on gloo: TP2xEP2, PP2 and PP2xTP2 with tied embeddings give exactly the
-world-size-1 weights, and each rank reads only the HF tensors of its own shards.
+world-size-1 weights, and each rank reads only the HF tensors of its own shards. The same layouts start from
+the world-size-1 weights under model.init=seeded.
 
 The world-size-1 load runs in this process; one torchrun launch (4 processes) runs
 tests/dist/hf_checkpoint_worker.py.
@@ -40,8 +41,9 @@ def _write_sharded_hf(hf: dict, folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def _reference(out: Path, tie: bool) -> tuple[dict, list[str]]:
-    """World size 1: an HF checkpoint of perturbed initial weights, and the weights loading it gives."""
+def _reference(out: Path, tie: bool) -> tuple[dict, dict, list[str]]:
+    """World size 1: the seeded initial weights, an HF checkpoint of perturbed initial weights, and the weights
+    loading it gives."""
     from megatron_sapo.megatron.engine import MegatronEngine
     from megatron_sapo.rollout.weights import megatron_to_hf
 
@@ -55,7 +57,7 @@ def _reference(out: Path, tie: bool) -> tuple[dict, list[str]]:
         engine.load_hf_checkpoint(str(out / ("tied" if tie else "untied")))
         loaded = engine.global_state_dict()
         assert any(not torch.equal(loaded[k], initial[k]) for k in initial)  # the load changed the weights
-        return loaded, sorted(hf)
+        return initial, loaded, sorted(hf)
     finally:
         engine.shutdown()
 
@@ -66,7 +68,7 @@ def results(tmp_path_factory):
     ref, names = {}, {}
     for tie in (False, True):
         key = "tied" if tie else "untied"
-        ref[key], names[key] = _reference(out, tie)
+        ref[f"initial_{key}"], ref[key], names[key] = _reference(out, tie)
     torch.save(ref, out / "ref.pt")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(WORKER), str(out)]
@@ -81,6 +83,13 @@ def results(tmp_path_factory):
 def test_global_weights_equal_the_world_size_one_load(results, layout):
     multi, _ = results
     assert multi[layout]["equal"]
+
+
+@pytest.mark.parametrize("layout", list(hw.LAYOUTS))
+def test_seeded_random_init_is_layout_independent(results, layout):
+    """model.init=seeded: the same initial weights at TP2xEP2, PP2xDP2 and PP2xTP2 as at world size 1."""
+    multi, _ = results
+    assert multi[layout]["seeded_init_equal"]
 
 
 def _layer(name: str) -> int | None:

@@ -55,3 +55,7 @@ def test_server_environment_drops_the_trainers_world(monkeypatch):
     env = ServerProcess("python", "model", 30000, "server.log").environment()
     assert not set(world) & set(env)
     assert env["HF_HOME"] == "/cache/hf" and env["SGLANG_USE_CPU_ENGINE"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert ServerProcess("python", "model", 30000, "server.log").environment()["OMP_NUM_THREADS"] == "8"  # inherited
+    pinned = ServerProcess("python", "model", 30000, "server.log", cpu_threads=1).environment()
+    assert pinned["OMP_NUM_THREADS"] == "1"  # rollout.sglang.cpu_threads

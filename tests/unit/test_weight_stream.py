@@ -77,3 +77,28 @@ def test_local_engine_loads_streamed_buckets(engine_and_cfg):
     with pytest.raises(KeyError, match="missing"):  # a bucket lost on the way is a mapping error, not a no-op
         local.update_weights(iter(buckets[:-1]), version=6)
     assert local.weight_version == 5
+
+
+def test_seeded_init_follows_megatron_init_rules(engine_and_cfg):
+    """model.init=seeded draws each tensor with megatron's own init rule: per-tensor std and norms as in
+    megatron-core's init of the same model (the megatron-init engine of the fixture), deterministic in the seed."""
+    from megatron_sapo.megatron.model import seeded_init
+
+    engine, cfg = engine_and_cfg
+    megatron_init = engine.global_state_dict()
+    chunks = engine.model
+    assert seeded_init(chunks, cfg.model, seed=5) > 10
+    seeded = engine.global_state_dict()
+    for name, tensor in megatron_init.items():
+        if tensor.std() == 0:  # norm weights: ones in both
+            assert torch.equal(seeded[name], tensor), name
+        else:
+            assert seeded[name].std() == pytest.approx(float(tensor.std()), rel=0.15), name
+            assert not torch.equal(seeded[name], tensor)
+    seeded_init(chunks, cfg.model, seed=5)
+    again = engine.global_state_dict()
+    assert all(torch.equal(again[k], seeded[k]) for k in seeded)
+    seeded_init(chunks, cfg.model, seed=6)
+    assert not torch.equal(engine.global_state_dict()["embedding.word_embeddings.weight"],
+                           seeded["embedding.word_embeddings.weight"])  # fmt: skip
+    engine.load_global_state_dict(megatron_init)
