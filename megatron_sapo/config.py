@@ -389,6 +389,9 @@ def _require(ok: bool, key: str, rule: str) -> None:
 def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     for name in ("tp", "pp", "ep", "etp", "cp", "dp"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    # megatron's GPTModel expects each CP rank to hold its own chunks of every sequence; the engine does not split
+    # batches (nor gather per-token outputs) over CP yet: running cp > 1 would silently train on wrong attention
+    _require(p.cp == 1, "parallel.cp", f"context parallelism is not implemented in the engine yet; got cp={p.cp}")
     _require(
         m.num_attention_heads % p.tp == 0,
         "parallel.tp",

@@ -44,7 +44,11 @@ def _model_sharded_state_dict(chunks: list) -> dict:
     return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool):
+def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, chained_prefix: bool = False):
+    """Optimizer tensors are keyed by their parameter's global key, without the `chained_{i}.` prefix a
+    ChainedOptimizer would add (megatron's chained_optim_avoid_prefix): so the dense / expert split of the
+    optimizer (which depends on EP) does not change the keys, and a checkpoint loads at any EP.
+    chained_prefix=True: the older format (same-layout loads only)."""
     if _uses_distributed_optimizer(optimizer):
         if is_loading:
             # A fresh DistributedOptimizer over torch's Adam has no state yet, and its state_dict()
@@ -53,7 +57,8 @@ def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool):
                 if hasattr(sub, "_init_optimizer_states_with_dummy_values"):
                     sub._init_optimizer_states_with_dummy_values()
         return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(_DISTOPT_META))
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    metadata = {} if chained_prefix else {"chained_optim_avoid_prefix": True}
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
 
 
 def _saved_adam_step(tree) -> float:
@@ -86,6 +91,43 @@ def _fit_distributed_optimizer_state(loaded: dict, optimizer):
             }
         )
     return fitted[0] if len(subs) == 1 else dict(enumerate(fitted))
+
+
+def _common_steps(tree) -> list:
+    """Every `common_step` (the Adam step megatron's non-distributed optimizers save beside the state)."""
+    found = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found += [value] if key == "common_step" else _common_steps(value)
+    return found
+
+
+def _fit_optimizer_state(loaded: dict, optimizer):
+    """The non-distributed optimizer's load dict for THIS layout from a checkpoint saved at any EP: tensors were
+    loaded into this layout's structure by their global keys; the common values (param groups, the step count)
+    sit where the saving layout's optimizer nesting put them (a ChainedOptimizer of dense + expert optimizers
+    nests by index, a single optimizer does not): param groups are this optimizer's own (hyper-parameters come
+    from the config and the LR schedule), and the saved step goes to every sub-optimizer."""
+    steps = _common_steps(loaded)
+    subs = _sub_optimizers(optimizer)
+    if len(subs) == 1:
+        parts = [{k: v for k, v in loaded.items() if not isinstance(k, int)}]
+    else:
+        parts = [loaded[i] for i in range(len(subs))]
+    for sub, part in zip(subs, parts):
+        torch_sd = part.get("optimizer", part)  # Float16Optimizer nests torch's
+        own = sub.state_dict()
+        torch_sd["param_groups"] = own.get("optimizer", own)["param_groups"]
+        torch_sd["state"].pop("common_step", None)
+        if steps:
+            torch_sd["state"]["common_step"] = max(steps)
+    return parts[0] if len(subs) == 1 else dict(enumerate(parts))
+
+
+def _saved_with_chained_prefix(path: str) -> bool:
+    from megatron.core import dist_checkpointing
+
+    return any(key.startswith("chained_") for key in dist_checkpointing.load_tensors_metadata(path))
 
 
 def _rng_state() -> dict:
@@ -127,7 +169,8 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
     if not dist_checkpointing.load_common_state_dict(path).get("has_optimizer", True):
         optimizer = scheduler = None
     if optimizer is not None:
-        template["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+        old_format = not _uses_distributed_optimizer(optimizer) and _saved_with_chained_prefix(path)
+        template["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, True, chained_prefix=old_format)
     loaded = dist_checkpointing.load(template, path)
     for i, chunk in enumerate(chunks):
         _unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
@@ -135,6 +178,8 @@ def load_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None) -> 
         state = loaded["optimizer"]
         if _uses_distributed_optimizer(optimizer):
             state = _fit_distributed_optimizer_state(state, optimizer)
+        elif not old_format:
+            state = _fit_optimizer_state(state, optimizer)
         optimizer.load_state_dict(state)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])

@@ -121,16 +121,17 @@ class TensorSync:
 
     def __init__(self, client: SGLangClient, tp: int, bucket_mb: float = 512):
         self.client, self.tp, self.bucket_mb = client, tp, bucket_mb
-        if not torch.cuda.is_available():
-            # the default 'file_descriptor' strategy hands tensors over a socket that needs this process's
-            # authkey, which the server does not have; 'file_system' shares them by /dev/shm name instead
-            torch.multiprocessing.set_sharing_strategy("file_system")
+        # on GPU the buckets go to the GPU and travel as CUDA IPC handles; CPU tensors: the default
+        # 'file_descriptor' strategy hands them over a socket that needs this process's authkey, which the
+        # server does not have; 'file_system' shares them by /dev/shm name instead
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.multiprocessing.set_sharing_strategy("file_system")
 
     def push(self, urls: list[str], weights: HFWeights, version: int) -> None:
         _each_server(urls, lambda url: _check(self.client.post(url, "/begin_weight_update", {}), url, "begin"))
         try:
             for i, (bucket, last) in enumerate(with_last(weight_buckets(weights, self.bucket_mb))):
-                shared = [(n, t.detach().contiguous()) for n, t in bucket.items()]  # alive until the servers read
+                shared = [(n, t.detach().to(self.device).contiguous()) for n, t in bucket.items()]  # alive until read
                 payload = serialize_named_tensors(shared)
                 body = {"serialized_named_tensors": [payload] * self.tp, "flush_cache": last}
                 if last:
