@@ -82,6 +82,11 @@ def _index(sh) -> tuple:
     return points + slices
 
 
+def _several_ranks(group=None) -> bool:
+    """World size 1 (a gloo world of one, or none) needs no collective: gather_object would still pickle."""
+    return dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def _param_or_grad(what: str) -> Callable[[torch.nn.Parameter], torch.Tensor]:
     def tensor_of(p):
         if what == "param":
@@ -101,8 +106,9 @@ def gather_global(chunks: list, what: str = "param") -> dict[str, torch.Tensor]:
         for key, shape, index, piece, main in _sharded_pieces(chunks, _param_or_grad(what))
         if main
     ]
-    everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-    if dist.is_initialized():
+    everyone = [mine]
+    if _several_ranks():
+        everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
     full: dict[str, torch.Tensor] = {}
     for pieces in everyone:
@@ -142,7 +148,7 @@ def _bucket_plan(units: dict[str, tuple], bucket_mb: float, group) -> list[list[
     """The same list of buckets on every rank: all ranks' units (name, shape, dtype) in rank order, cut
     into groups of about bucket_mb MB (a unit larger than that is a bucket of its own)."""
     everyone = [units]
-    if dist.is_initialized():
+    if _several_ranks(group):
         everyone = [None] * dist.get_world_size(group)
         dist.all_gather_object(everyone, units, group=group)
     merged: dict[str, tuple] = {}
@@ -172,11 +178,12 @@ def stream_global(chunks: list, bucket_mb: float, dst: int = 0, group=None) -> I
         if main:  # one copy of each element (DP / expert-DP replicas are not main)
             pieces.setdefault(name, []).append((index, piece))
             units[name] = (shape, piece.dtype)
-    rank = dist.get_rank() if dist.is_initialized() else dst
+    several = _several_ranks(group)
+    rank = dist.get_rank() if several else dst
     for bucket in _bucket_plan(units, bucket_mb, group):
         mine = [(name, index, piece.cpu()) for name, _, _ in bucket for index, piece in pieces.get(name, [])]
         everyone = [mine]
-        if dist.is_initialized():
+        if several:
             everyone = [None] * dist.get_world_size(group) if rank == dst else None
             dist.gather_object(mine, everyone, dst=dst, group=group)
         if rank != dst:

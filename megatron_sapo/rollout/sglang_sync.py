@@ -131,7 +131,11 @@ class TensorSync:
         _each_server(urls, lambda url: _check(self.client.post(url, "/begin_weight_update", {}), url, "begin"))
         try:
             for i, (bucket, last) in enumerate(with_last(weight_buckets(weights, self.bucket_mb))):
-                shared = [(n, t.detach().to(self.device).contiguous()) for n, t in bucket.items()]  # alive until read
+                # fresh copies, alive until every server has read them: a storage shared once keeps its shared-memory
+                # name, which is unlinked when its readers close it; sharing it again sent a dead name (seen
+                # when the same state dict was pushed to servers that had since stopped)
+                shared = [(n, t.detach().to(self.device).clone(memory_format=torch.contiguous_format))
+                          for n, t in bucket.items()]  # fmt: skip
                 payload = serialize_named_tensors(shared)
                 body = {"serialized_named_tensors": [payload] * self.tp, "flush_cache": last}
                 if last:
