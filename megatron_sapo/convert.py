@@ -12,7 +12,7 @@ import shutil
 import torch.distributed as dist
 
 from megatron_sapo.config import Config
-from megatron_sapo.rollout.weights import megatron_to_hf, save_hf_buckets
+from megatron_sapo.rollout.weights import save_hf_buckets
 from megatron_sapo.run_state import MARKER, is_complete
 
 HF_FILE_MB = 4096  # safetensors shard size of an exported HF checkpoint (HF hub uses 4-5 GB)
@@ -52,12 +52,8 @@ def convert(
             engine.load_hf_checkpoint(from_hf)  # each rank reads only its own shards' tensors
         if to_hf is not None:
             # streamed: rank 0 writes one safetensors file per bucket as it arrives (the model is never whole)
-            buckets = (megatron_to_hf(b, cfg.model) for b in engine.weight_buckets(HF_FILE_MB, dst=0))
-            if not rank0:
-                for _ in buckets:  # a collective: take part in every bucket
-                    pass
-            else:
-                save_hf_buckets(buckets, cfg.model, to_hf)
+            engine.export_hf(HF_FILE_MB, lambda buckets: save_hf_buckets(buckets, cfg.model, to_hf))
+            if rank0:
                 _copy_tokenizer(tokenizer or from_hf or cfg.data.tokenizer or cfg.model.hf_path, to_hf)
                 print(f"wrote {to_hf}")
         if to_checkpoint is not None:

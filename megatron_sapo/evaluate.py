@@ -125,18 +125,13 @@ def _load_policy(cfg: Config, kind: str, path: str, rollout) -> int:
             rollout.update_weights(load_hf_state(path), 0)
         return rollout.weight_version  # SGLang serves the folder it was launched from
     from megatron_sapo.megatron.engine import MegatronEngine
-    from megatron_sapo.rollout.weights import megatron_to_hf
 
+    step = int(m.group(1)) if (m := re.search(r"step_(\d+)$", path.rstrip("/"))) else 0
     engine = MegatronEngine(cfg)
     try:
         engine.load_weights(path)
-        buckets = (megatron_to_hf(b, cfg.model) for b in engine.weight_buckets(cfg.rollout.sglang.bucket_mb, dst=0))
-        step = int(m.group(1)) if (m := re.search(r"step_(\d+)$", path.rstrip("/"))) else 0
-        if rollout is not None:
-            rollout.update_weights(buckets, step)
-        else:
-            for _ in buckets:  # a collective: the other ranks send their shards
-                pass
+        # rank 0 owns the rollout engine; the other ranks send their shards
+        engine.export_hf(cfg.rollout.sglang.bucket_mb, lambda buckets: rollout.update_weights(buckets, step))
     finally:
         engine.shutdown()
     return step

@@ -23,7 +23,6 @@ from megatron_sapo.diagnostics.progress import progress_bar
 from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
 from megatron_sapo.preemption import Preempted, StopSignals
 from megatron_sapo.rollout.base import Sample, SamplingParams
-from megatron_sapo.rollout.weights import megatron_to_hf
 from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune_checkpoints
 
 DYNAMIC_SAMPLING_ROUNDS = 4
@@ -167,13 +166,8 @@ class Trainer:
         start = time.perf_counter()
         # streamed: rank 0 (the rollout's owner) receives one bucket of whole tensors at a time and hands it on
         # before the next is gathered; the other ranks send their shards and hold no copy
-        buckets = self.engine.weight_buckets(self.cfg.rollout.sglang.bucket_mb, dst=0)
-        hf_buckets = (megatron_to_hf(bucket, self.cfg.model) for bucket in buckets)
-        if self.is_rank0:
-            self.rollout.update_weights(hf_buckets, self.weight_version)
-        else:
-            for _ in hf_buckets:  # the gather is a collective: take part in every bucket
-                pass
+        self.engine.export_hf(self.cfg.rollout.sglang.bucket_mb,
+                              lambda buckets: self.rollout.update_weights(buckets, self.weight_version))  # fmt: skip
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ DP ranks and then into micro-batches of train.micro_batch_size.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -249,6 +249,20 @@ class MegatronEngine:
         """The weights as buckets of whole per-layer (per-expert) tensors on global rank `dst` ({} per bucket
         elsewhere): weights.stream_global. A collective: every rank runs it to its end."""
         return weights.stream_global(self.model, bucket_mb, dst)
+
+    def export_hf(self, bucket_mb: float, consume: Callable[[Iterator[dict[str, torch.Tensor]]], object], dst: int = 0):
+        """The weight sync's and HF export's path: consume(buckets) runs on global rank `dst` with the weights as
+        HF-named buckets (weight_buckets + megatron_to_hf), while the other ranks send their shards. A collective:
+        every rank calls it; whatever consume leaves unread is still gathered (so no rank waits forever).
+        Returns consume's result on dst, None elsewhere."""
+        from megatron_sapo.rollout.weights import megatron_to_hf
+
+        buckets = (megatron_to_hf(b, self.cfg.model) for b in self.weight_buckets(bucket_mb, dst))
+        rank = dist.get_rank() if dist.is_initialized() else dst
+        result = consume(buckets) if rank == dst else None
+        for _ in buckets:  # off dst: every bucket; on dst: only what consume stopped short of
+            pass
+        return result
 
     def load_global_state_dict(self, full: dict[str, torch.Tensor]) -> None:
         """Set the weights from unsharded tensors (as global_state_dict returns them), any layout."""

@@ -19,7 +19,7 @@ import re
 import torch
 
 from megatron_sapo.config import ModelConfig
-from megatron_sapo.megatron.weights import local_units
+from megatron_sapo.megatron.weights import fill_units, shards_by_unit
 from megatron_sapo.rollout.weights import megatron_to_hf
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -168,20 +168,10 @@ def _read_unit(reader: HFReader, unit: str, shape: tuple, dtype: torch.dtype, m:
     return flat.view(shape)
 
 
-@torch.no_grad()
 def load_hf_checkpoint(chunks: list, path: str, m: ModelConfig) -> int:
     """Set this rank's parameter shards (every replica) from the HF checkpoint folder `path`; returns the
     number of shards written. Validates the whole checkpoint first: a bad one changes no weight."""
-    pieces: dict[str, tuple[tuple, list]] = {}
-    for unit, shape, index, piece, _ in local_units(chunks, lambda p: p.data):
-        pieces.setdefault(unit, (shape, []))[1].append((index, piece))
+    grouped = shards_by_unit(chunks)
     with HFReader(path) as reader:
-        _check(reader, expected_hf_names(expected_units({u: s for u, (s, _) in pieces.items()}, m), m), m)
-        count = 0
-        for unit, (shape, shards) in pieces.items():
-            full = _read_unit(reader, unit, shape, shards[0][1].dtype, m)
-            for index, piece in shards:  # e.g. SwiGLU fc1: a [gate; up] pair of slices of one unit
-                piece.copy_(full[index].reshape(piece.shape))
-                count += 1
-            del full  # about one unit in memory at a time
-    return count
+        _check(reader, expected_hf_names(expected_units({u: s for u, (s, _) in grouped.items()}, m), m), m)
+        return fill_units(grouped, lambda unit, shape, dtype: _read_unit(reader, unit, shape, dtype, m))

@@ -180,23 +180,17 @@ def _init_std(unit: str, mcfg: ModelConfig) -> float | None:
     return mcfg.init_method_std
 
 
-@torch.no_grad()
 def seeded_init(chunks: list, mcfg: ModelConfig, seed: int) -> int:
     """model.init=seeded: overwrite this rank's shards so that every whole tensor is the same whatever the layout:
     each unit is drawn in full from a generator seeded by (seed, its name), and each rank keeps its slices.
-    Returns the number of units drawn. Memory: one unit at a time."""
-    from megatron_sapo.megatron.weights import local_units
+    Returns the number of shards written. Memory: one unit at a time."""
+    from megatron_sapo.megatron.weights import fill_units, shards_by_unit
 
-    by_unit: dict[str, tuple[tuple, list]] = {}
-    for unit, shape, index, piece, _ in local_units(chunks, lambda p: p.data):
-        by_unit.setdefault(unit, (shape, []))[1].append((index, piece))
-    for unit, (shape, pieces) in by_unit.items():
+    def draw(unit: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         std = _init_std(unit, mcfg)
         if std is None:
-            full = torch.ones(shape)
-        else:
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{unit}".encode()))
-            full = torch.randn(shape, generator=generator) * std
-        for index, piece in pieces:
-            piece.copy_(full[index].reshape(piece.shape))
-    return len(by_unit)
+            return torch.ones(shape)
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{unit}".encode()))
+        return torch.randn(shape, generator=generator) * std
+
+    return fill_units(shards_by_unit(chunks), draw)

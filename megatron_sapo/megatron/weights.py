@@ -144,6 +144,32 @@ def local_units(chunks: list, tensor_of: Callable[[torch.nn.Parameter], torch.Te
         yield unit_name(key, tuple(index[:lead])), tuple(shape[lead:]), tuple(index[lead:]), piece, main
 
 
+def shards_by_unit(chunks: list, main_only: bool = False) -> dict[str, tuple[tuple, list]]:
+    """This rank's parameter shards grouped by unit: name -> (unit shape, [(index in the unit, piece), ...]) (a
+    SwiGLU fc1 unit has a gate and an up slice on each rank). main_only: one copy of each element across ranks
+    (DP / expert-DP replicas are not main)."""
+    grouped: dict[str, tuple[tuple, list]] = {}
+    for name, shape, index, piece, main in local_units(chunks, lambda p: p.data):
+        if main or not main_only:
+            grouped.setdefault(name, (shape, []))[1].append((index, piece))
+    return grouped
+
+
+@torch.no_grad()
+def fill_units(
+    grouped: dict[str, tuple[tuple, list]], make_unit: Callable[[str, tuple, torch.dtype], torch.Tensor]
+) -> int:
+    """Set every shard of shards_by_unit(...) from whole units built one at a time by make_unit(name, shape, dtype)
+    (about one unit in memory at a time); returns the number of shards written."""
+    count = 0
+    for name, (shape, shards) in grouped.items():
+        full = make_unit(name, shape, shards[0][1].dtype)
+        for index, piece in shards:
+            piece.copy_(full[index].reshape(piece.shape))
+            count += 1
+    return count
+
+
 def _bucket_plan(units: dict[str, tuple], bucket_mb: float, group) -> list[list[tuple[str, tuple, torch.dtype]]]:
     """The same list of buckets on every rank: all ranks' units (name, shape, dtype) in rank order, cut
     into groups of about bucket_mb MB (a unit larger than that is a bucket of its own)."""
@@ -151,20 +177,14 @@ def _bucket_plan(units: dict[str, tuple], bucket_mb: float, group) -> list[list[
     if _several_ranks(group):
         everyone = [None] * dist.get_world_size(group)
         dist.all_gather_object(everyone, units, group=group)
+    from megatron_sapo.rollout.base import cut_by_size
+
     merged: dict[str, tuple] = {}
     for rank_units in everyone:
         for name, meta in rank_units.items():
             merged.setdefault(name, meta)
-    limit = max(bucket_mb, 1e-6) * 2**20
-    plan, current, size = [], [], 0
-    for name, (shape, dtype) in merged.items():
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if current and size + nbytes > limit:
-            plan.append(current)
-            current, size = [], 0
-        current.append((name, shape, dtype))
-        size += nbytes
-    return plan + ([current] if current else [])
+    units = [(name, shape, dtype) for name, (shape, dtype) in merged.items()]
+    return list(cut_by_size(units, lambda unit: torch.Size(unit[1]).numel() * unit[2].itemsize, bucket_mb))
 
 
 @torch.no_grad()
@@ -172,16 +192,14 @@ def stream_global(chunks: list, bucket_mb: float, dst: int = 0, group=None) -> I
     """Yield the model's parameters as buckets of whole units (in the parameters' own dtype, on the CPU) on
     global rank `dst`, and an empty dict per bucket elsewhere. A collective: every rank of `group` (default:
     the world) must run the generator to its end, in step."""
-    pieces: dict[str, list[tuple[tuple, torch.Tensor]]] = {}
-    units: dict[str, tuple] = {}
-    for name, shape, index, piece, main in local_units(chunks):
-        if main:  # one copy of each element (DP / expert-DP replicas are not main)
-            pieces.setdefault(name, []).append((index, piece))
-            units[name] = (shape, piece.dtype)
+    grouped = shards_by_unit(chunks, main_only=True)
+    units = {name: (shape, shards[0][1].dtype) for name, (shape, shards) in grouped.items()}
     several = _several_ranks(group)
     rank = dist.get_rank() if several else dst
     for bucket in _bucket_plan(units, bucket_mb, group):
-        mine = [(name, index, piece.cpu()) for name, _, _ in bucket for index, piece in pieces.get(name, [])]
+        mine = [
+            (name, index, piece.cpu()) for name, _, _ in bucket if name in grouped for index, piece in grouped[name][1]
+        ]
         everyone = [mine]
         if several:
             everyone = [None] * dist.get_world_size(group) if rank == dst else None

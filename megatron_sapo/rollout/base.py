@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Weights for a sync, HF-named: one dict, or an iterable of dicts (buckets) that the trainer streams so that no
 # process holds the whole model at once. An iterable may be consumed once only.
 HFWeights = Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
+
+
+def cut_by_size(items: Iterable[T], nbytes: Callable[[T], int], bucket_mb: float) -> Iterator[list[T]]:
+    """Consecutive groups of items of about bucket_mb MB in all (an item larger than that is a group of its own)."""
+    limit = max(bucket_mb, 1e-6) * 2**20
+    current, size = [], 0
+    for item in items:
+        item_bytes = nbytes(item)
+        if current and size + item_bytes > limit:
+            yield current
+            current, size = [], 0
+        current.append(item)
+        size += item_bytes
+    if current:
+        yield current
 
 
 def weight_buckets(weights: HFWeights, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
@@ -19,17 +36,11 @@ def weight_buckets(weights: HFWeights, bucket_mb: float) -> Iterator[dict[str, t
     if not isinstance(weights, Mapping):
         yield from (dict(bucket) for bucket in weights if bucket)
         return
-    limit = max(bucket_mb, 1e-6) * 2**20
-    current, size = {}, 0
-    for name, tensor in weights.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            yield current
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    if current:
-        yield current
+
+    def nbytes(item: tuple[str, torch.Tensor]) -> int:
+        return item[1].numel() * item[1].element_size()
+
+    yield from map(dict, cut_by_size(weights.items(), nbytes, bucket_mb))
 
 
 def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
