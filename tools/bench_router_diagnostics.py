@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from megatron_sapo.megatron.engine import MegatronEngine
 
     if not torch.cuda.is_available():
-        compat.apply_cpu_patches()
+        compat.apply_patches()
         torch.set_num_threads(1)
     engine = MegatronEngine(_config(args))
     batch = _batch(args)

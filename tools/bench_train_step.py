@@ -64,9 +64,9 @@ def _ce_loss_func(mask, output_tensor):
 
 
 def _ce_forward_step(data_iterator, model):
-    from megatron_sapo.megatron import compat
+    from megatron_sapo.megatron import compat, loss_glue
 
-    mb = next(data_iterator)
+    mb = loss_glue.to_device(next(data_iterator))  # as the engine's forward step: GPU tensors on a GPU
     with compat.device_args_suspended():  # as the engine's forward step: the same CPU shim on both sides
         out = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
     return out, functools.partial(_ce_loss_func, mb["loss_mask"])
@@ -141,6 +141,8 @@ def _logprob_method(name):
 
 def memory_child(name: str, tokens: int, vocab: int, hidden: int) -> dict:
     torch.manual_seed(0)
+    if torch.cuda.is_available():
+        return _cuda_memory_child(name, tokens, vocab, hidden)
     h = torch.randn(tokens, hidden, requires_grad=True)
     w = torch.randn(hidden, vocab, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,))
@@ -152,6 +154,22 @@ def memory_child(name: str, tokens: int, vocab: int, hidden: int) -> dict:
     (logp.sum() + 0.1 * entropy.sum()).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     extra = max(peak - max(base, peak_before), 0)
+    return {"method": name, "extra_bytes": extra, "logits_bytes": logits.numel() * logits.element_size()}
+
+
+def _cuda_memory_child(name: str, tokens: int, vocab: int, hidden: int) -> dict:
+    """On GPU the allocator's own peak counter, bf16 logits as in training (no RSS noise)."""
+    h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(hidden, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    logits = h @ w
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    logp, entropy = _logprob_method(name)(logits, labels)
+    (logp.float().sum() + 0.1 * entropy.float().sum()).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
     return {"method": name, "extra_bytes": extra, "logits_bytes": logits.numel() * logits.element_size()}
 
 
@@ -198,7 +216,8 @@ def main() -> None:
         runs = [round(t, 4) for t in step["all"][name]]
         print(f"{name:<10} {step['min'][name]:>8.4f} {step['median'][name]:>9.4f}  {runs}")
     print(f"median ratio (noisier): {step['median']['sapo'] / step['median']['bare_ce']:.3f}")
-    print(f"log-probs+entropy fwd+bwd, {args.mem_tokens} tokens x vocab {args.mem_vocab} (fp32 logits):")
+    dtype = "bf16 logits, CUDA allocator peak" if torch.cuda.is_available() else "fp32 logits, peak RSS"
+    print(f"log-probs+entropy fwd+bwd, {args.mem_tokens} tokens x vocab {args.mem_vocab} ({dtype}):")
     for row in memory:
         ratio, mib, extra = row["extra_bytes"] / row["logits_bytes"], row["logits_bytes"] / 2**20, row["extra_bytes"]
         print(f"  {row['method']:<18} extra peak {extra / 2**20:8.1f} MiB = {ratio:.3f} x logits ({mib:.1f} MiB)")

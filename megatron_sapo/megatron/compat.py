@@ -2,12 +2,13 @@
 
 megatron-core assumes a GPU in many small places (`torch.cuda.current_device()` as a device, CUDA RNG
 trackers, side streams, `device="cuda"` literals, type strings such as 'torch.cuda.FloatTensor') and has
-a few gloo- and CPU-only bugs. On a machine without CUDA, `apply_cpu_patches()` works around each of them
-with one named function below. Nothing here runs when CUDA is available: there megatron-core is used as
-shipped.
+a few gloo- and CPU-only bugs. On a machine without CUDA, `apply_patches()` works around each of them
+with one named function below. With CUDA, megatron-core is used as shipped, except for the patches in
+NO_TE_PATCHES: bugs of megatron-core without Transformer Engine, on any device (first seen on an H100 without
+TE: RouterGatingLinearFunction's NameError). With CUDA and TE nothing is patched.
 
 Rules every patch follows:
-- it is applied only when `torch.cuda.is_available()` is False, once (idempotent);
+- it is applied only where `patches_for()` selects it (no CUDA: all), once (idempotent);
 - it says why it exists and which megatron-core versions need it (tested on 0.16.1; the 0.19 differences
   found by the feasibility spike are kept: names that moved are looked up defensively);
 - it keeps the original callable in `_ORIGINALS[name]` so tests can prove the patch changes behaviour.
@@ -507,9 +508,30 @@ PATCHES: dict[str, Callable[[], None]] = {
 }
 
 
-def apply_cpu_patches() -> list[str]:
-    """Apply every patch once when CUDA is absent; returns applied_patches(). A no-op with CUDA."""
-    if cuda_available():
+# Bugs of megatron-core without Transformer Engine, whatever the device: also applied on GPUs without TE.
+NO_TE_PATCHES = ("moe_te_names",)
+
+
+def transformer_engine_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def patches_for(cuda: bool, te: bool) -> list[str]:
+    """The patch names for a machine: every patch without CUDA; on CUDA only the TE-less fixes, none with TE."""
+    if not cuda:
+        return list(PATCHES)
+    return [] if te else list(NO_TE_PATCHES)
+
+
+def apply_patches() -> list[str]:
+    """Apply the patches this machine needs (patches_for), each once; returns applied_patches()."""
+    cuda = cuda_available()
+    names = patches_for(cuda, te=transformer_engine_importable() if cuda else False)
+    if not names:
         return applied_patches()
     version = mcore_version()
     if not TESTED_MCORE[0] <= version <= TESTED_MCORE[1]:
@@ -518,9 +540,9 @@ def apply_cpu_patches() -> list[str]:
             f"({TESTED_MCORE[0]}..{TESTED_MCORE[1]}); CPU results are unverified",
             stacklevel=2,
         )
-    for name, patch in PATCHES.items():
+    for name in names:
         if name not in _APPLIED:
-            patch()
+            PATCHES[name]()
             _APPLIED.append(name)
     return applied_patches()
 

@@ -90,7 +90,7 @@ def make_microbatches(batch: dict, micro_batch_size: int, length: int) -> list[d
     return out
 
 
-def _to_device(mb: dict) -> dict:
+def to_device(mb: dict) -> dict:
     if not torch.cuda.is_available():
         return mb
     return {k: v.cuda(non_blocking=True) for k, v in mb.items()}
@@ -168,7 +168,7 @@ def _log_prob_loss_func(mb, output_tensor):
 
 
 def _forward_step(loss_func, data_iterator, model):
-    mb = _to_device(next(data_iterator))
+    mb = to_device(next(data_iterator))
     # attention_mask None: the layer spec's causal mask; right padding sits after every loss token.
     # labels: the last stage returns log-probs through the LogProbHead (see logprobs.py).
     with compat.device_args_suspended():  # the forward reaches no "cuda" literal: skip the per-op rewrite

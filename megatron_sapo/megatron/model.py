@@ -161,6 +161,13 @@ def build_model_chunks(mcfg: ModelConfig, tcfg, pcfg: ParallelConfig) -> list:
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
+        if tcfg.params_dtype != torch.float32:
+            # Every weight in the training dtype, as megatron's Float16Module casts the module: the local spec's
+            # torch norms are created in fp32 whatever params_dtype says, and a bf16 model holding fp32 params
+            # breaks Float16OptimizerWithFloat16Params' checkpoint ("Param id N does not match any model sharded
+            # param"; seen on an H100 without TE). Float16Module's fp32 copy of the logits is left out: the
+            # log-prob glue upcasts a chunk at a time.
+            model.to(dtype=tcfg.params_dtype)
         chunks.append(model)
     return chunks
 

@@ -111,7 +111,7 @@ def _set_cpu_threads(world_size: int, threads: int = 0) -> None:
 
 def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
     """Initialise torch.distributed (if needed) and megatron's parallel state; seed the RNG trackers."""
-    compat.apply_cpu_patches()
+    compat.apply_patches()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("out_dir")
     args = parser.parse_args()
     start = time.time()
-    compat.apply_cpu_patches()
+    compat.apply_patches()
     init_torch_distributed()
     ref = torch.load(os.path.join(args.out_dir, "ref.pt"), weights_only=True)
     res = {name: load_at(name, layout, args.out_dir, ref) for name, layout in LAYOUTS.items()}

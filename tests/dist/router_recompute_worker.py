@@ -54,7 +54,7 @@ def run(granularity: str) -> dict:
 
 
 def main() -> None:
-    compat.apply_cpu_patches()
+    compat.apply_patches()
     init_torch_distributed()
     ref, got = run("none"), run("full")
     grad_diff = max(float((got["grads"][k] - r).abs().max()) for k, r in ref["grads"].items())

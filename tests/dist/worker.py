@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("out_dir")
     args = parser.parse_args()
     start = time.time()
-    compat.apply_cpu_patches()
+    compat.apply_patches()
     init_torch_distributed()
     if args.phase == "ref":
         res = phase_ref(args.out_dir)

@@ -1,5 +1,6 @@
-"""Single GPU: a bf16 SAPO step against the fp32 model on the same weights, Transformer Engine log-probs against
-the HF model at TP1 (both token dispatchers), and r2 routing replay. Skipped without CUDA (tests/conftest.py)."""
+"""Single GPU: a bf16 SAPO step against the fp32 model on the same weights, the GPU spec's log-probs (Transformer
+Engine where installed) against the HF model at TP1 (both token dispatchers), and r2 routing replay. Skipped
+without CUDA (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -115,11 +116,15 @@ def _uses_transformer_engine(engine) -> bool:
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_te_spec_log_probs_match_hf_at_tp1(dispatcher):
+def test_gpu_spec_log_probs_match_hf_at_tp1(dispatcher):
+    from megatron_sapo.megatron.model import have_transformer_engine
+
     eng = _engine("model.dtype=fp32", "parallel.tp=1", f"model.moe_dispatcher={dispatcher}")
     try:
         assert eng.tcfg.tensor_model_parallel_size == 1 and eng.tcfg.moe_token_dispatcher_type == dispatcher
-        assert _uses_transformer_engine(eng) and eng.tcfg.moe_grouped_gemm  # the GPU spec, not the local one
+        # the spec follows the install: TE layers and grouped GEMM where TE imports, megatron's local spec else
+        te = have_transformer_engine()
+        assert _uses_transformer_engine(eng) == te and eng.tcfg.moe_grouped_gemm == te
         model = _hf_model(eng)
         batch = right_padded_batch(n=4, s=24, vocab=VOCAB, seed=2, response=6)
         mask = batch["loss_mask"] > 0

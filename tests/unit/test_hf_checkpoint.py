@@ -20,7 +20,9 @@ def setup(tmp_path_factory):
     """An engine, its initial weights, and an HF checkpoint of perturbed weights (so a load is visible)."""
     from megatron_sapo.megatron.engine import MegatronEngine
 
-    cfg = load_config(None, ["model.vocab_size=64", "model.num_query_groups=2", "model.num_layers=2"])
+    cfg = load_config(
+        None, ["model.vocab_size=64", "model.num_query_groups=2", "model.num_layers=2", "model.dtype=fp32"]
+    )  # exact equality, also on a GPU (auto: bf16)
     engine = MegatronEngine(cfg)
     initial = engine.global_state_dict()
     g = torch.Generator().manual_seed(5)

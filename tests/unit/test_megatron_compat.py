@@ -14,16 +14,23 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU patch
 
 @pytest.fixture(scope="module", autouse=True)
 def patched():
-    return compat.apply_cpu_patches()
+    return compat.apply_patches()
 
 
 def test_all_patches_applied_once(patched):
     assert patched == list(compat.PATCHES)
-    assert compat.apply_cpu_patches() == patched  # idempotent
+    assert compat.apply_patches() == patched  # idempotent
     from torch.overrides import _get_current_function_mode_stack
 
     modes = [m for m in _get_current_function_mode_stack() if isinstance(m, compat._CudaArgsToCpu)]
     assert len(modes) == 1
+
+
+def test_patch_selection_by_machine():
+    # without CUDA every patch; a GPU without Transformer Engine still needs the TE-less bug fixes; with TE none
+    assert compat.patches_for(cuda=False, te=False) == list(compat.PATCHES)
+    assert compat.patches_for(cuda=True, te=False) == ["moe_te_names"]
+    assert compat.patches_for(cuda=True, te=True) == []
 
 
 def test_cuda_current_device():

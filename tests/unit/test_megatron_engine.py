@@ -18,6 +18,7 @@ def _config() -> Config:
     cfg.model.num_layers, cfg.model.num_experts, cfg.model.moe_shared_expert_ffn_hidden_size = 2, 4, 32
     cfg.train.micro_batch_size = 2
     cfg.optim.lr = 1e-3
+    cfg.model.dtype = "fp32"  # exact comparisons, also on a GPU (where "auto" is bf16)
     return cfg
 
 
@@ -34,10 +35,16 @@ def engine():
     eng.shutdown()
 
 
-def _plain_log_probs(eng, batch, temperature=1.0):
-    tokens = batch["tokens"][:, :-1]
+def _plain_logits(eng, tokens: torch.Tensor) -> torch.Tensor:
+    """The wrapped GPTModel's own forward on the model's device (CPU or GPU), logits back on the CPU."""
+    device = next(eng.model[0].parameters()).device
+    tokens = tokens.to(device)
     with torch.no_grad():
-        logits = eng.model[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+        return eng.model[0](tokens, torch.arange(tokens.shape[1], device=device).expand_as(tokens), None).cpu()
+
+
+def _plain_log_probs(eng, batch, temperature=1.0):
+    logits = _plain_logits(eng, batch["tokens"][:, :-1])
     logp = torch.log_softmax(logits.float() / temperature, -1)
     return logp.gather(-1, batch["tokens"][:, 1:, None]).squeeze(-1)
 
@@ -56,9 +63,7 @@ def test_compute_log_probs_matches_plain_forward(engine):
 def test_entropy_from_the_forward_only_pass(engine):
     batch = _batch(seed=3)
     lp, entropy = engine.compute_log_probs(batch, with_entropy=True)
-    tokens = batch["tokens"][:, :-1]
-    with torch.no_grad():
-        logits = engine.model[0](tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
+    logits = _plain_logits(engine, batch["tokens"][:, :-1]).float()
     ref = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
     mask = batch["loss_mask"] > 0
     torch.testing.assert_close(entropy[mask], ref[mask], rtol=1e-5, atol=1e-5)
@@ -119,7 +124,8 @@ def test_forward_only_micro_batch_size(engine):
 def test_global_state_dict_round_trip(engine):
     full = engine.global_state_dict()
     assert "output_layer.weight" in full and full["output_layer.weight"].shape == (512, 64)
-    perturbed = {k: v + 1.0 for k, v in full.items()}
+    # rounded to the parameters' dtype (bf16 on GPU), so the round trip is exact there too
+    perturbed = {k: (v + 1.0).to(engine.tcfg.params_dtype).float() for k, v in full.items()}
     engine.load_global_state_dict(perturbed)
     again = engine.global_state_dict()
     assert all(torch.equal(again[k], perturbed[k]) for k in full)
@@ -204,3 +210,16 @@ def test_cpu_adam_is_fused_and_stays_fused_after_a_checkpoint_load(engine, tmp_p
             g["fused"], g["foreach"] = None, None
     engine.load_checkpoint(str(tmp_path / "ckpt"))
     assert flags() == {(True, False)}
+
+
+def test_bf16_model_holds_every_weight_in_bf16(engine):
+    # The local spec's torch norms are built in fp32 whatever params_dtype says; a bf16 model must hold bf16
+    # weights only (megatron's bf16 optimizer cannot checkpoint a model with fp32 params: found on an H100).
+    import dataclasses
+
+    mcfg = dataclasses.replace(engine.cfg.model, dtype="bf16")
+    tcfg = model.build_transformer_config(mcfg, engine.cfg.parallel)
+    chunks = model.build_model_chunks(mcfg, tcfg, engine.cfg.parallel)
+    dtypes = {n: p.dtype for c in chunks for n, p in c.named_parameters()}
+    assert any("layernorm" in n for n in dtypes)
+    assert {n for n, d in dtypes.items() if d != torch.bfloat16} == set()
