@@ -14,8 +14,11 @@ def test_convert_round_trip_hf_to_checkpoint_to_hf(tmp_path, capsys):
     cfg = load_config(CONFIG)
     model = build_hf_model(cfg.model)
     save_hf_checkpoint(model.state_dict(), cfg.model, str(tmp_path / "hf"))
-    assert main(["convert", CONFIG, "--from-hf", str(tmp_path / "hf"), "--to-checkpoint", str(tmp_path / "ck")]) == 0
-    assert main(["convert", CONFIG, "--checkpoint", str(tmp_path / "ck"), "--to-hf", str(tmp_path / "hf2")]) == 0
+    fp32 = "model.dtype=fp32"  # exact round trip, also on a GPU ("auto" is bf16 there)
+    assert (
+        main(["convert", CONFIG, fp32, "--from-hf", str(tmp_path / "hf"), "--to-checkpoint", str(tmp_path / "ck")]) == 0
+    )
+    assert main(["convert", CONFIG, fp32, "--checkpoint", str(tmp_path / "ck"), "--to-hf", str(tmp_path / "hf2")]) == 0
     again = load_hf_state(str(tmp_path / "hf2"))
     assert again.keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():

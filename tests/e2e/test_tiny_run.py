@@ -16,7 +16,8 @@ CONTRACT_KEYS = {
 
 
 def _train(*overrides, expect_rc=0):
-    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", CONFIG, *overrides]
+    # fp32 as on CPU also on a GPU ("auto" is bf16 there): the trainer then matches the fp32 rollout engine
+    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", CONFIG, "model.dtype=fp32", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
