@@ -162,6 +162,9 @@ class TrainConfig:
     seed: int = 1234
     micro_batch_size: int = 4  # sequences per micro-batch
     logprob_micro_batch_size: int = 0  # for forward-only passes (old/ref log-probs); 0 = micro_batch_size
+    # several sequences per micro-batch row (block-diagonal causal mask; megatron's local attention only):
+    # micro-batch sizes then count rows of the batch's longest length, not sequences
+    pack_sequences: bool = False
     max_skipped_steps: int = 3  # consecutive steps skipped for NaN rewards / losses before the run stops
 
 
@@ -542,6 +545,12 @@ def _validate_batching(cfg: Config) -> None:
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _require(t.logprob_micro_batch_size >= 0, "train.logprob_micro_batch_size", "must be >= 0 (0: micro_batch_size)")
+    # megatron's interleaved schedule needs at least pp micro-batches, and packing makes the count vary
+    _require(
+        not (t.pack_sequences and p.vpp),
+        "train.pack_sequences",
+        "packing is not supported with a virtual pipeline (parallel.vpp): unset one of them",
+    )
     samples = r.prompts_per_step * r.n
     per_minibatch, rem = divmod(samples, a.minibatches)
     _require(

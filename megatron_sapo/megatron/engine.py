@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import Config
-from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, routing, weights
+from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, packing, routing, weights
 from megatron_sapo.megatron.logprobs import attach_log_prob_head
 from megatron_sapo.megatron.parallel import ParallelState, init_parallel
 
@@ -29,7 +29,17 @@ class MegatronEngine:
     def __init__(self, cfg: Config, parallel: ParallelState | None = None, total_steps: int | None = None):
         self.cfg = cfg
         self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
-        self.tcfg = model.build_transformer_config(cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm)
+        packed = {}
+        if cfg.train.pack_sequences:
+            if model.have_transformer_engine():
+                raise ValueError(
+                    "train.pack_sequences: packing uses megatron's local attention with an explicit mask; "
+                    "Transformer Engine attention ignores it (its THD format is not built yet): set it to false"
+                )
+            packed = {"masked_softmax_fusion": False}  # the fused causal kernel would ignore the packed mask
+        self.tcfg = model.build_transformer_config(
+            cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm, **packed
+        )
         chunks = model.build_model_chunks(cfg.model, self.tcfg, cfg.parallel)
         if cfg.model.init == "seeded":  # before DDP and the optimizer copy the weights
             model.seeded_init(chunks, cfg.model, cfg.train.seed)
@@ -105,7 +115,7 @@ class MegatronEngine:
         n, seq = batch["tokens"].shape
         length = self._length(batch)
         size = self._forward_only_micro_batch_size(n)
-        mbs = self._microbatches(batch, length, size)
+        mbs = self._microbatches(batch, length, size, pack=not record_routing)
         for m in self.model:
             m.eval()
         step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy)
@@ -122,9 +132,13 @@ class MegatronEngine:
             self.routing.end()
         return results if len(results) > 1 else results[0]
 
-    def _microbatches(self, batch: dict, length: int, size: int | None = None) -> list:
+    def _microbatches(self, batch: dict, length: int, size: int | None = None, pack: bool = False) -> list:
+        """This rank's micro-batches of `size` rows. Packed (train.pack_sequences, packing.py) unless the pass
+        records or replays routing: routing records and replay ids are laid out one sequence per row."""
         size = size or self.cfg.train.micro_batch_size
         local = self._local(batch, size)
+        if pack and self.cfg.train.pack_sequences and local.get(routing.REPLAY_KEY) is None:
+            return packing.pack_microbatches(local, size, length)
         mbs = loss_glue.make_microbatches(local, size, length)
         if local.get(routing.REPLAY_KEY) is not None and self.routing is not None:
             routing.attach_replay(mbs, local[routing.REPLAY_KEY], size, length, self.tcfg.moe_router_topk)
@@ -164,7 +178,7 @@ class MegatronEngine:
         batch = self._with_is_weights(batch)
         denominators = loss_glue.global_denominators(batch["loss_mask"])
         length = self._length(batch)
-        mbs = self._microbatches(batch, length)
+        mbs = self._microbatches(batch, length, pack=not record_routing)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -63,21 +63,26 @@ def padded_length(loss_mask: torch.Tensor, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
+# Per-token inputs of the loss besides the tokens, [N, S-1] like the labels.
+PER_TOKEN_KEYS = ("loss_mask", "old_log_probs", "is_weights", "ref_log_probs")
+
+
+def fit_width(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, *] cut or zero-padded to `length` columns."""
+    if t.shape[1] >= length:
+        return t[:, :length].contiguous()
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]))
+
+
 def make_microbatches(batch: dict, micro_batch_size: int, length: int) -> list[dict]:
     """Split this rank's sequences into micro-batches; inputs tokens[:, :-1], labels tokens[:, 1:], all
-    cut or zero-padded to `length` positions (padding has loss_mask 0)."""
+    cut or zero-padded to `length` positions (padding has loss_mask 0). packing.py packs them instead."""
     tokens = batch["tokens"]
     n, seq = tokens.shape
-
-    def fit(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[1] >= length:
-            return t[:, :length].contiguous()
-        return torch.nn.functional.pad(t, (0, length - t.shape[1]))
-
-    per_token = {"tokens": fit(tokens[:, :-1]), "labels": fit(tokens[:, 1:])}
-    for key in ("loss_mask", "old_log_probs", "is_weights", "ref_log_probs"):
+    per_token = {"tokens": fit_width(tokens[:, :-1], length), "labels": fit_width(tokens[:, 1:], length)}
+    for key in PER_TOKEN_KEYS:
         if batch.get(key) is not None:
-            per_token[key] = fit(batch[key].float())
+            per_token[key] = fit_width(batch[key].float(), length)
     positions = torch.arange(length).unsqueeze(0)
     out = []
     for start in range(0, n, micro_batch_size):
@@ -102,7 +107,7 @@ def _policy_loss_func(mb, spec: LossSpec, denominators, scale, output_tensor, si
     log-probs, in micro-batch order (the router diagnostics reuse the training forward's log-probs)."""
     from megatron_sapo.algo import compute_policy_loss
 
-    log_probs, entropy = _split(output_tensor)
+    log_probs, entropy = _split(output_tensor, mb)
     if sink is not None:
         sink.append({"log_probs": log_probs.detach()})
     mask = mb["loss_mask"]
@@ -127,7 +132,12 @@ def _policy_loss_func(mb, spec: LossSpec, denominators, scale, output_tensor, si
     return loss * scale, _metric_sums(loss, metrics, log_probs, mb["old_log_probs"], mask)
 
 
-def _split(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split(output_tensor: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropy or None) per sequence [b, s]: packed rows are unpacked first (packing.py)."""
+    if "unpack_index" in mb:
+        from megatron_sapo.megatron.packing import unpack  # packing builds on this module
+
+        output_tensor = unpack(output_tensor, mb)
     if output_tensor.dim() == 3:
         return output_tensor[..., 0], output_tensor[..., 1]
     return output_tensor, None
@@ -162,17 +172,17 @@ def _metric_sums(loss, metrics, log_probs, old_log_probs, mask) -> dict:
 
 def _log_prob_loss_func(mb, output_tensor):
     """loss_func of the forward-only log-prob pass: no loss, the log-probs (and entropy) as data."""
-    log_probs, entropy = _split(output_tensor)
+    log_probs, entropy = _split(output_tensor, mb)
     data = {"log_probs": log_probs} | ({"entropy": entropy} if entropy is not None else {})
     return log_probs.new_zeros(()), data
 
 
 def _forward_step(loss_func, data_iterator, model):
     mb = to_device(next(data_iterator))
-    # attention_mask None: the layer spec's causal mask; right padding sits after every loss token.
-    # labels: the last stage returns log-probs through the LogProbHead (see logprobs.py).
+    # attention_mask None: the layer spec's causal mask (right padding sits after every loss token); packed
+    # rows bring their block-diagonal one. labels: the last stage returns log-probs through the LogProbHead.
     with compat.device_args_suspended():  # the forward reaches no "cuda" literal: skip the per-op rewrite
-        output = model(mb["tokens"], mb["position_ids"], None, labels=mb["labels"])
+        output = model(mb["tokens"], mb["position_ids"], mb.get("attention_mask"), labels=mb["labels"])
     return output, functools.partial(loss_func, mb)
 
 

@@ -59,6 +59,16 @@ def test_sapo_loss_and_gradients_match_single_process(results, layout):
     assert multi[f"{layout}/log_probs"] <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["tp2_ep2_sp", "pp2_dp2"])
+def test_packed_sequences_match_single_process(results, layout):
+    """train.pack_sequences at TP2xEP2+SP and PP2 (x DP2): loss, gradients and log-probs of the unpacked
+    single-process run (tests/unit/test_packing.py has the negative control)."""
+    _, multi = results
+    got = multi[f"packed/{layout}"]
+    assert got["loss_diff"] <= LOSS_TOL and got["grad_rel"] <= GRAD_TOL, got
+    assert got["log_probs"] <= 1e-5, got
+
+
 @pytest.mark.parametrize("loss", ["grpo", "gspo"])
 def test_grpo_gspo_match_at_tp2_ep2(results, loss):
     ref, multi = results

@@ -194,6 +194,10 @@ GRAD_LAYOUTS = {
 }
 
 
+# train.pack_sequences (no aux loss: megatron's load-balancing loss depends on how tokens are grouped)
+PACKED_LAYOUTS = {"tp2_ep2_sp": dict(tp=2, sp=True, ep=2, dp=2), "pp2_dp2": dict(pp=2, dp=2)}
+
+
 def check_gloo_uneven_gather() -> dict:
     """The patched mappings._gather_along_first_dim gathers uneven splits on gloo; the original cannot."""
     import megatron.core.tensor_parallel.mappings as mappings
@@ -255,6 +259,20 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
                     "metrics": metrics,
                 }
         log0(name, {k: v for k, v in res.items() if k.startswith(name)})
+    mask = batch["loss_mask"] > 0
+    for name, layout in PACKED_LAYOUTS.items():  # against the single-process run without aux loss
+        cfg = make_config(aux=False, **layout)
+        cfg.train.pack_sequences = True
+        with Layout(cfg, w0) as eng:
+            lp = eng.compute_log_probs(batch)
+            metrics, grads = grads_of(eng, batch)
+        loss_ref, grads_ref = ref["noaux_mbs2"]
+        res[f"packed/{name}"] = {
+            "loss_diff": abs(metrics["loss"] - loss_ref),
+            "grad_rel": rel_diff(grads, grads_ref),
+            "log_probs": float((lp - ref["log_probs"])[mask].abs().max()),
+        }
+        log0("packed", name, res[f"packed/{name}"])
     w1 = router_checks.perturbed(w0)
     for name, layout in router_checks.ROUTER_LAYOUTS.items():
         with Layout(make_config(**layout), w0) as eng:
