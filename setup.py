@@ -24,7 +24,9 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "apex", "sglang>=0.5.23"],
     # prompt datasets beyond JSONL: Parquet files, and Hugging Face `datasets` (hf:NAME specs, save_to_disk)
     "data": ["pyarrow", "datasets"],
-    "dev": ["pytest>=8", "ruff>=0.6", "pyarrow", "datasets", "matplotlib"],
+    "dev": ["pytest>=8", "ruff>=0.6", "pyarrow", "datasets", "matplotlib", "wandb"],
+    # logging.wandb_project: Weights & Biases (WANDB_MODE=offline on clusters without internet)
+    "wandb": ["wandb"],
     # tools/bench_vs_trl.py only: TRL's GRPOTrainer(loss_type="sapo") as the baseline. A bare
     # `pip install trl==1.16.0` upgrades to transformers 5 (via datasets -> huggingface_hub 1.x); installed
     # as this extra, the transformers<5 pin above holds (datasets 5.0.1, huggingface_hub 0.36).

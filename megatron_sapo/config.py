@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -590,4 +591,6 @@ def validate(cfg: Config) -> Config:
     _validate_algo(cfg.algo, cfg.model, cfg.rollout, cfg.parallel.cp, cfg.diagnostics.router_every > 0)
     _validate_batching(cfg)
     _validate_sglang(cfg.rollout.sglang)
+    wandb_ok = not cfg.logging.wandb_project or importlib.util.find_spec("wandb") is not None
+    _require(wandb_ok, "logging.wandb_project", "needs the wandb package (pip install wandb), or unset the key")
     return cfg

@@ -7,6 +7,7 @@ data-parallel shard.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -106,7 +107,13 @@ class Trainer:
         self.skipped_in_a_row = 0
         self._resume()
         if self.is_rank0:
-            self.writer = MetricsWriter(cfg.run.dir, cfg.logging.tensorboard, resume_after_step=self.step)
+            self.writer = MetricsWriter(
+                cfg.run.dir,
+                cfg.logging.tensorboard,
+                resume_after_step=self.step,
+                wandb_project=cfg.logging.wandb_project,
+                config=dataclasses.asdict(cfg),
+            )
 
     # ------------------------------------------------------------------------------------------------------
     def _load_hf_weights(self, path: str) -> None:

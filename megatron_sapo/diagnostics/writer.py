@@ -1,10 +1,12 @@
-"""Metric sinks: metrics.jsonl always (one flat object per rollout step), TensorBoard when asked."""
+"""Metric sinks: metrics.jsonl always (one flat object per rollout step), TensorBoard and Weights & Biases when
+asked (logging.tensorboard, logging.wandb_project)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 
 
 def _clean(metrics: dict) -> dict:
@@ -19,8 +21,39 @@ def _clean(metrics: dict) -> dict:
     return out
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
+
+
+def _start_wandb(run_dir: str, project: str, config: dict | None):
+    """wandb.init for this run folder; WANDB_MODE=offline (clusters without internet) writes under
+    run_dir/wandb for a later `wandb sync`."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError(
+            f"logging.wandb_project={project!r} needs the wandb package: pip install wandb (or unset the key)"
+        ) from e
+    id_path = os.path.join(run_dir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B run ids: [a-z0-9]
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+    name = os.path.basename(os.path.abspath(run_dir))
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=run_dir, config=config or {})
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str, tensorboard: bool = False, resume_after_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        tensorboard: bool = False,
+        resume_after_step: int | None = None,
+        wandb_project: str | None = None,
+        config: dict | None = None,
+    ):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_after_step is not None:
             self._truncate_after(resume_after_step)
@@ -33,6 +66,9 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             except ImportError:
                 print("tensorboard is not installed: logging to metrics.jsonl only")
+        # W&B rejects steps at or below its last one: after a resume, the redone steps (never checkpointed)
+        # keep their first W&B values, while metrics.jsonl holds the redone ones.
+        self._wandb = _start_wandb(run_dir, wandb_project, config) if wandb_project else None
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop the lines of steps the resumed run will redo (they were never checkpointed)."""
@@ -55,11 +91,15 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and value is not None:
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=int(row["step"]))
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -183,3 +184,25 @@ def test_nan_loss_skips_the_update_and_keeps_the_weights(tmp_path):
         assert any(not torch.equal(before[k], v) for k, v in engine.global_state_dict().items())
     finally:
         engine.shutdown()
+
+
+def test_wandb_gets_the_metrics_rows(tmp_path, monkeypatch):
+    """logging.wandb_project: every step's metrics (as in metrics.jsonl) reach W&B (offline mode, no network),
+    with the resolved config."""
+    import glob
+
+    from megatron_sapo.diagnostics.writer import WANDB_ID_FILE
+    from tests.unit.test_writer import _wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rows = [{"prompt": f"copy:{i}{i}=", "answer": f"{i}{i}", "task": "copy"} for i in range(8)]
+    cfg = _cfg(tmp_path, _write_rows(tmp_path / "d.jsonl", rows), "train.steps=2", "logging.wandb_project=e2e")
+    history = _train(cfg)
+    with open(os.path.join(cfg.run.dir, WANDB_ID_FILE), encoding="utf-8") as f:
+        run_id = f.read().strip()
+    (run_file,) = glob.glob(os.path.join(cfg.run.dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+    logged = _wandb_history(run_file)
+    for m in history:
+        for key in ("loss", "reward_mean", "grad_norm"):
+            assert logged[int(m["step"])][key] == pytest.approx(m[key], rel=1e-12), key
