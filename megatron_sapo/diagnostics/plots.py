@@ -20,32 +20,44 @@ FIGURES = {
 }
 
 
-def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """Write plots/<figure>.png for every figure with data; returns the paths written."""
+def run_rows(run_dir: str) -> list[dict]:
+    """The run's metrics.jsonl rows, skipped steps left out."""
+    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if not r.get("skipped")]
+
+
+def series_of(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every row that has a value for key."""
+    return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+
+
+def line_figure(series: dict[str, list[tuple[int, float]]], title: str, path: str) -> str:
+    """One PNG of labelled (step, value) lines; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if not r.get("skipped")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, marker="." if len(points) < 50 else None)
+    ax.set_xlabel("rollout step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
+    """Write plots/<figure>.png for every figure with data; returns the paths written."""
+    rows = run_rows(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, keys in FIGURES.items():
-        series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
-        series = {k: v for k, v in series.items() if v}
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, points in series.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 50 else None)
-        ax.set_xlabel("rollout step")
-        ax.set_title(name.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{name}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        series = {k: v for k in keys if (v := series_of(rows, k))}
+        if series:
+            written.append(line_figure(series, name.replace("_", " "), os.path.join(out_dir, f"{name}.png")))
     return written

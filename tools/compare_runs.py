@@ -1,0 +1,36 @@
+"""Compare run folders side by side:
+
+    python tools/compare_runs.py RUN_DIR RUN_DIR ... [--labels A,B] [--keys reward_mean,loss] [--window 10]
+                                 [--out DIR]
+
+Prints, for every metric and run, the mean over the first and last --window steps and the final value, and
+writes compare_<metric>.png (a line per run) into --out (default: ./compare)."""
+
+import argparse
+import sys
+
+from megatron_sapo.diagnostics.compare import DEFAULT_KEYS, format_table, load_runs, plot_comparison, summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="run folders holding metrics.jsonl")
+    parser.add_argument("--labels", default=None, help="comma-separated names, one per run (default: folder names)")
+    parser.add_argument("--keys", default=",".join(DEFAULT_KEYS), help="comma-separated metrics.jsonl keys")
+    parser.add_argument("--window", type=int, default=10, help="steps averaged at the start and the end")
+    parser.add_argument("--out", default="compare", help="folder for the PNGs")
+    args = parser.parse_args(argv)
+    keys = [k for k in args.keys.split(",") if k]
+    try:
+        runs = load_runs(args.run_dirs, args.labels.split(",") if args.labels else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"compare_runs: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary(runs, keys, max(1, args.window)), max(1, args.window)))
+    for path in plot_comparison(runs, keys, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
