@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks on one CUDA machine: the `gpu` tests, a short tiny SAPO run with the trainer on the GPU, the
 # train-step / log-prob memory benchmark, and the engine's unit tests with CUDA present (the CUDA side of its
-# `torch.cuda.is_available()` branches). Logs go to $OUT (default gpu_checks/).
+# `torch.cuda.is_available()` branches), and the single-process e2e tests. Logs go to $OUT (default gpu_checks/).
 #
 #   bash tools/gpu_checks.sh            # megatron_sapo and its requirements installed
 #
@@ -34,5 +34,10 @@ step bench_train_step 120 python3 tools/bench_train_step.py --hidden 1024 --laye
     --mbs 4 --mem-tokens 8192 --mem-vocab 151936
 step unit_tests "${UNIT_LIMIT:-150}" python3 -m pytest -q -rf -p no:cacheprovider --timeout 60 \
     tests/unit/test_megatron_engine.py tests/unit/test_megatron_logprobs.py tests/unit/test_router_engine.py \
-    tests/unit/test_router_recompute.py tests/unit/test_hf_checkpoint.py tests/unit/test_weight_stream.py
+    tests/unit/test_router_recompute.py tests/unit/test_hf_checkpoint.py tests/unit/test_weight_stream.py \
+    tests/unit/test_packing.py
+# single-process end-to-end paths (convert, eval, trainer, routing replay, tiny run); multi-rank ones excluded
+step e2e_tests "${E2E_LIMIT:-200}" python3 -m pytest -q -rf -p no:cacheprovider --timeout 90 -k "not two_rank" \
+    tests/e2e/test_convert.py tests/e2e/test_eval.py tests/e2e/test_trainer_inprocess.py \
+    tests/e2e/test_router_trainer.py tests/e2e/test_tiny_run.py
 cat "$OUT/summary.txt"

@@ -28,15 +28,15 @@ from megatron_sapo.megatron.parallel import ParallelState, init_parallel
 class MegatronEngine:
     def __init__(self, cfg: Config, parallel: ParallelState | None = None, total_steps: int | None = None):
         self.cfg = cfg
-        self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
         packed = {}
-        if cfg.train.pack_sequences:
+        if cfg.train.pack_sequences:  # checked before any process group exists
             if model.have_transformer_engine():
                 raise ValueError(
                     "train.pack_sequences: packing uses megatron's local attention with an explicit mask; "
                     "Transformer Engine attention ignores it (its THD format is not built yet): set it to false"
                 )
             packed = {"masked_softmax_fusion": False}  # the fused causal kernel would ignore the packed mask
+        self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
         self.tcfg = model.build_transformer_config(
             cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm, **packed
         )

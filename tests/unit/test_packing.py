@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_sapo.config import Config, ConfigError, load_config
-from megatron_sapo.megatron import packing, weights
+from megatron_sapo.megatron import model, packing, weights
 
 VOCAB = 128
 
@@ -55,6 +55,8 @@ def _batch() -> dict:
 def results():
     from megatron_sapo.megatron.engine import MegatronEngine
 
+    if model.have_transformer_engine():  # a GPU with TE: packing is refused there (see the test below)
+        pytest.skip("train.pack_sequences is refused with Transformer Engine attention")
     batch, out = _batch(), {}
     for pack in (False, True):
         eng = MegatronEngine(_config(pack))
@@ -125,3 +127,15 @@ def test_negative_control_without_the_block_mask(monkeypatch):
 def test_packing_with_a_virtual_pipeline_is_refused():
     with pytest.raises(ConfigError, match="train.pack_sequences"):
         load_config(None, ["train.pack_sequences=true", "parallel.pp=2", "parallel.vpp=2", "model.num_layers=4"])
+
+
+def test_packing_is_refused_with_transformer_engine(monkeypatch):
+    """TE attention ignores an explicit mask under its causal type: packed rows would attend across sequences."""
+    from megatron_sapo.megatron.engine import MegatronEngine
+
+    monkeypatch.setattr(model, "have_transformer_engine", lambda: True)
+    with pytest.raises(ValueError, match="train.pack_sequences"):
+        MegatronEngine(_config(True))
+    # refused before any process group exists: an engine can still be built in this process
+    monkeypatch.undo()
+    MegatronEngine(_config(True)).shutdown()
