@@ -28,7 +28,7 @@ RUN pip install uv==0.13.8 \
 WORKDIR /opt/megatron_sapo
 COPY setup.py pyproject.toml README.md ./
 COPY megatron_sapo ./megatron_sapo
-RUN pip install ".[data]" \
+RUN pip install ".[data,wandb]" \
     && python -c "import importlib.util as u; assert all(u.find_spec(m) for m in ('megatron.core', 'transformer_engine', 'apex', 'megatron_sapo'))"
 COPY examples ./examples
 COPY tools ./tools
