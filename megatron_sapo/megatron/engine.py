@@ -134,14 +134,18 @@ class MegatronEngine:
 
     def _microbatches(self, batch: dict, length: int, size: int | None = None, pack: bool = False) -> list:
         """This rank's micro-batches of `size` rows. Packed (train.pack_sequences, packing.py) unless the pass
-        records or replays routing: routing records and replay ids are laid out one sequence per row."""
+        records routing (`pack` False): routing records are laid out one sequence per row."""
         size = size or self.cfg.train.micro_batch_size
         local = self._local(batch, size)
-        if pack and self.cfg.train.pack_sequences and local.get(routing.REPLAY_KEY) is None:
-            return packing.pack_microbatches(local, size, length)
+        replay = local.get(routing.REPLAY_KEY) if self.routing is not None else None
+        if pack and self.cfg.train.pack_sequences:
+            mbs = packing.pack_microbatches(local, size, length)
+            if replay is not None:
+                packing.attach_packed_replay(mbs, replay, length, self.tcfg.moe_router_topk)
+            return mbs
         mbs = loss_glue.make_microbatches(local, size, length)
-        if local.get(routing.REPLAY_KEY) is not None and self.routing is not None:
-            routing.attach_replay(mbs, local[routing.REPLAY_KEY], size, length, self.tcfg.moe_router_topk)
+        if replay is not None:
+            routing.attach_replay(mbs, replay, size, length, self.tcfg.moe_router_topk)
         return mbs
 
     def _forward_only_micro_batch_size(self, n: int) -> int:

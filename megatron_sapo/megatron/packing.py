@@ -14,6 +14,8 @@ micro-batch has the same number of rows (pipeline stages exchange tensors of one
   micro-batch to the flat (row, column) of the packed output and `unpack_valid` marks the positions a
   sequence has; the per-sequence inputs (loss mask, old log-probs, advantages, ...) stay [n_mb, length].
 - Padding positions attend only to themselves (a row of the mask is never all masked) and carry no loss.
+- Routing replay (r2 / r3) packs its per-token expert ids the same way (attach_packed_replay). Passes that
+  record routing run unpacked: routing records are laid out one sequence per row.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def pack_microbatches(batch: dict, rows_per_microbatch: int, length: int) -> lis
             "unpack_valid": valid,
         }
         chosen = torch.tensor(ids, dtype=torch.long)
+        mb["sequences"] = chosen  # this rank's sequence indices, in the micro-batch's order
         for key in PER_TOKEN_KEYS:
             if batch.get(key) is not None:
                 mb[key] = fit_width(batch[key][chosen].float(), length)
@@ -103,3 +106,24 @@ def unpack(packed: torch.Tensor, mb: dict) -> torch.Tensor:
     out = flat[mb["unpack_index"]]
     valid = mb["unpack_valid"] if out.dim() == 2 else mb["unpack_valid"].unsqueeze(-1)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def pack_rows(per_sequence: torch.Tensor, mb: dict, filler: torch.Tensor) -> torch.Tensor:
+    """The inverse of unpack for inputs: per-sequence values [n_mb, L, ...] laid out in the micro-batch's packed
+    rows [rows, L, ...]; positions no sequence covers (padding) hold `filler` [...]."""
+    rows, length = mb["tokens"].shape
+    flat = filler.expand(rows * length, *filler.shape).clone()
+    valid = mb["unpack_valid"]
+    flat[mb["unpack_index"][valid]] = per_sequence[valid]
+    return flat.view(rows, length, *filler.shape)
+
+
+def attach_packed_replay(microbatches: list[dict], ids: torch.Tensor, length: int, topk: int) -> None:
+    """Routing replay on packed micro-batches: this rank's [n_local, S-1, L, K] replay ids (routing.replay_ids)
+    in the packed row layout, so every token is forced to its own sequence's experts."""
+    from megatron_sapo.megatron.routing import REPLAY_KEY, replay_ids
+
+    ids = replay_ids(ids, length, topk)
+    filler = torch.arange(topk).expand(ids.shape[2], topk)  # padding: experts 0..K-1 in every layer
+    for mb in microbatches:
+        mb[REPLAY_KEY] = pack_rows(ids[mb["sequences"]], mb, filler)

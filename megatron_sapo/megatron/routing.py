@@ -178,9 +178,9 @@ class RoutingHandle:
         return {"ids": ids, "probs": probs, "entropy": entropy, "moe_layers": list(self.moe_layers)}
 
 
-def attach_replay(microbatches: list[dict], ids: torch.Tensor, micro_batch_size: int, length: int, topk: int):
-    """Put this rank's [n_local, S-1, L, K] replay ids on its micro-batches (cut / padded to `length`).
-    Positions without a routing (-1, e.g. padding) get experts 0..K-1: they carry no loss."""
+def replay_ids(ids: torch.Tensor, length: int, topk: int) -> torch.Tensor:
+    """[n, S-1, L, K] replay ids cut / padded to `length` positions. Positions without a routing (-1, e.g.
+    padding) get experts 0..K-1: they carry no loss."""
     ids = ids.long()
     if ids.shape[1] >= length:
         ids = ids[:, :length]
@@ -188,7 +188,13 @@ def attach_replay(microbatches: list[dict], ids: torch.Tensor, micro_batch_size:
         pad = torch.full((ids.shape[0], length - ids.shape[1], *ids.shape[2:]), -1, dtype=torch.long)
         ids = torch.cat([ids, pad], 1)
     filler = torch.arange(topk).expand_as(ids)
-    ids = torch.where((ids < 0).any(-1, keepdim=True), filler, ids)
+    return torch.where((ids < 0).any(-1, keepdim=True), filler, ids)
+
+
+def attach_replay(microbatches: list[dict], ids: torch.Tensor, micro_batch_size: int, length: int, topk: int):
+    """Put this rank's [n_local, S-1, L, K] replay ids on its micro-batches, one sequence per row (replay_ids).
+    Packed micro-batches take theirs from packing.attach_packed_replay."""
+    ids = replay_ids(ids, length, topk)
     for i, mb in enumerate(microbatches):
         mb[REPLAY_KEY] = ids[i * micro_batch_size : i * micro_batch_size + mb["tokens"].shape[0]].contiguous()
     return microbatches
