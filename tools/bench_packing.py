@@ -60,10 +60,7 @@ def main() -> None:
         torch.set_num_threads(1)
     batch["old_log_probs"] = engines[False].compute_log_probs(batch)
     length = engines[False]._length(batch)
-    rows = {
-        pack: sum(mb["tokens"].shape[0] for mb in e._microbatches(batch, length, pack=True))
-        for pack, e in engines.items()
-    }
+    rows = {pack: sum(mb["tokens"].shape[0] for mb in e._microbatches(batch, length)) for pack, e in engines.items()}
     times = {False: [], True: []}
     for i in range(args.repeats + 1):
         for pack, engine in engines.items():

@@ -115,7 +115,7 @@ class MegatronEngine:
         n, seq = batch["tokens"].shape
         length = self._length(batch)
         size = self._forward_only_micro_batch_size(n)
-        mbs = self._microbatches(batch, length, size, pack=not record_routing)
+        mbs = self._microbatches(batch, length, size)
         for m in self.model:
             m.eval()
         step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy)
@@ -132,13 +132,13 @@ class MegatronEngine:
             self.routing.end()
         return results if len(results) > 1 else results[0]
 
-    def _microbatches(self, batch: dict, length: int, size: int | None = None, pack: bool = False) -> list:
-        """This rank's micro-batches of `size` rows. Packed (train.pack_sequences, packing.py) unless the pass
-        records routing (`pack` False): routing records are laid out one sequence per row."""
+    def _microbatches(self, batch: dict, length: int, size: int | None = None) -> list:
+        """This rank's micro-batches of `size` rows, packed with train.pack_sequences (packing.py; routing replay
+        ids are packed with them, routing records unpacked by RoutingHandle.collect)."""
         size = size or self.cfg.train.micro_batch_size
         local = self._local(batch, size)
         replay = local.get(routing.REPLAY_KEY) if self.routing is not None else None
-        if pack and self.cfg.train.pack_sequences:
+        if self.cfg.train.pack_sequences:
             mbs = packing.pack_microbatches(local, size, length)
             if replay is not None:
                 packing.attach_packed_replay(mbs, replay, length, self.tcfg.moe_router_topk)
@@ -182,7 +182,7 @@ class MegatronEngine:
         batch = self._with_is_weights(batch)
         denominators = loss_glue.global_denominators(batch["loss_mask"])
         length = self._length(batch)
-        mbs = self._microbatches(batch, length, pack=not record_routing)
+        mbs = self._microbatches(batch, length)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -14,8 +14,8 @@ micro-batch has the same number of rows (pipeline stages exchange tensors of one
   micro-batch to the flat (row, column) of the packed output and `unpack_valid` marks the positions a
   sequence has; the per-sequence inputs (loss mask, old log-probs, advantages, ...) stay [n_mb, length].
 - Padding positions attend only to themselves (a row of the mask is never all masked) and carry no loss.
-- Routing replay (r2 / r3) packs its per-token expert ids the same way (attach_packed_replay). Passes that
-  record routing run unpacked: routing records are laid out one sequence per row.
+- Routing replay (r2 / r3) packs its per-token expert ids the same way (attach_packed_replay), and routing
+  recorded on packed rows is unpacked per sequence (routing.RoutingHandle.collect).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class _Slot:
                 entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
                 top = p.gather(1, ids)
                 top = top / top.sum(-1, keepdim=True).clamp_min(1e-20)
-            h.records.append((mb_index, self.layer, ids.detach().clone(), top, entropy))
+            packed = mb if "unpack_index" in mb else None  # packed rows: collect maps them back to sequences
+            h.records.append((mb_index, self.layer, ids.detach().clone(), top, entropy, packed))
         return values, ids
 
 
@@ -153,11 +154,18 @@ class RoutingHandle:
         buf = torch.zeros(n_local, length, layers, 2 * k + 1, device=device)
         per = length // self.sp_size
         cols = slice(self.sp_rank * per, (self.sp_rank + 1) * per)
-        for mb_index, layer, ids, top, entropy in self.records:
+        for mb_index, layer, ids, top, entropy, packed_mb in self.records:
             b = ids.shape[0] // per
-            rows = slice(mb_index * micro_batch_size, mb_index * micro_batch_size + b)
-            packed = torch.cat([ids.float() + 1, top, entropy.unsqueeze(-1)], -1).view(per, b, -1)
-            buf[rows, cols, layer] = packed.transpose(0, 1).to(device)
+            values = torch.cat([ids.float() + 1, top, entropy.unsqueeze(-1)], -1).view(per, b, -1).transpose(0, 1)
+            if packed_mb is None:
+                rows = slice(mb_index * micro_batch_size, mb_index * micro_batch_size + b)
+                buf[rows, cols, layer] = values.to(device)
+            else:  # this rank's columns of packed rows -> its part of each sequence (0 elsewhere, summed below)
+                from megatron_sapo.megatron.packing import unpack
+
+                full = torch.zeros(b, length, values.shape[-1])
+                full[:, cols] = values
+                buf[packed_mb["sequences"].to(device), :, layer] = unpack(full, packed_mb).to(device)
         self.records = []
         if self.sp_size > 1:
             dist.all_reduce(buf, group=par.tp_group)

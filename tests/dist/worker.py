@@ -266,11 +266,18 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
         with Layout(cfg, w0) as eng:
             lp = eng.compute_log_probs(batch)
             metrics, grads = grads_of(eng, batch)
+            _, packed_rec = eng.compute_log_probs(batch, record_routing=True)
+            eng.cfg.train.pack_sequences = False  # the same engine, one sequence per row
+            _, plain_rec = eng.compute_log_probs(batch, record_routing=True)
         loss_ref, grads_ref = ref["noaux_mbs2"]
+        same = (packed_rec["ids"] == plain_rec["ids"]).all(-1)[mask]
         res[f"packed/{name}"] = {
             "loss_diff": abs(metrics["loss"] - loss_ref),
             "grad_rel": rel_diff(grads, grads_ref),
             "log_probs": float((lp - ref["log_probs"])[mask].abs().max()),
+            # routing recorded on packed rows, back per sequence, against the unpacked record
+            "routing_same": float(same.float().mean()),
+            "probs_diff": float((packed_rec["probs"] - plain_rec["probs"])[mask][same].abs().max()),
         }
         log0("packed", name, res[f"packed/{name}"])
     w1 = router_checks.perturbed(w0)

@@ -69,7 +69,7 @@ def results():
                 g = torch.Generator().manual_seed(2)
                 batch["old_log_probs"] = (lp + 0.2 * torch.randn(lp.shape, generator=g)) * batch["loss_mask"]
             length = eng._length(batch)
-            rows = sum(mb["tokens"].shape[0] for mb in eng._microbatches(batch, length, pack=True))
+            rows = sum(mb["tokens"].shape[0] for mb in eng._microbatches(batch, length))
             metrics = eng.forward_backward(batch)
             out[pack] = dict(lp=lp, entropy=entropy, rows=rows, loss=metrics["loss"], grads=_grads(eng))
         finally:
@@ -107,7 +107,8 @@ def test_packed_loss_and_gradients_match(results):
 
 def test_packed_routing_replay_matches_unpacked():
     """r2 / r3 on packed rows: every token is forced to its own sequence's experts. Forced to another token's
-    experts (far from the free routing), packed and unpacked passes agree: misplaced ids would not."""
+    experts (far from the free routing), packed and unpacked passes agree: misplaced ids would not. Routing
+    recorded on packed rows comes back per sequence."""
     from megatron_sapo.megatron.engine import MegatronEngine
     from megatron_sapo.megatron.routing import REPLAY_KEY
 
@@ -124,12 +125,21 @@ def test_packed_routing_replay_matches_unpacked():
                 forced = dict(batch, old_log_probs=free * batch["loss_mask"])
                 forced[REPLAY_KEY] = torch.roll(rec["ids"], 1, dims=1)
             eng.load_global_state_dict(w0)
-            lp = eng.compute_log_probs(forced)
-            loss = eng.forward_backward(forced)["loss"]
-            out[pack] = (lp, loss, _grads(eng))
+            lp, recorded = eng.compute_log_probs(forced, record_routing=True)
+            _, free_recorded = eng.compute_log_probs(batch, record_routing=True)
+            metrics, used = eng.forward_backward(forced, record_routing=True)
+            out[pack] = (lp, metrics["loss"], _grads(eng), recorded, free_recorded, used)
         finally:
             eng.shutdown()
     assert float((out[False][0] - free)[mask].abs().max()) > 1e-2  # the forced routing really changes the policy
+    # routing records of packed passes come back per sequence: the forced ids, the same probabilities
+    for rec in (out[True][3], out[True][5]):
+        assert torch.equal(rec["ids"][mask].long(), forced[REPLAY_KEY][mask].long())
+    torch.testing.assert_close(out[True][3]["probs"][mask], out[False][3]["probs"][mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][3]["entropy"][mask], out[False][3]["entropy"][mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[True][5]["log_probs"][mask], out[False][5]["log_probs"][mask], rtol=1e-5, atol=1e-5)
+    same = (out[True][4]["ids"][mask] == out[False][4]["ids"][mask]).all(-1).float().mean()
+    assert float(same) >= 0.98  # free routing: identical but for near-ties flipped by float rounding
     torch.testing.assert_close(out[True][0][mask], out[False][0][mask], rtol=1e-5, atol=1e-5)
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-5, abs=1e-7)
     ref, got = out[False][2], out[True][2]
