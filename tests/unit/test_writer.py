@@ -57,8 +57,10 @@ def test_wandb_offline_logs_every_step_and_a_resume_continues_the_same_run(tmp_p
     resumed = MetricsWriter(run_dir, resume_after_step=2, wandb_project="sapo-test")
     resumed.write({"step": 3, "loss": 0.125})
     resumed.close()
+    # the same W&B run id twice (W&B suffixes the second folder when both start within one second)
     runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs)  # the same W&B run id, twice
+    assert len(runs) == 2
+    assert len(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", f"run-{run_id}.wandb"))) == 2
 
 
 def test_missing_wandb_is_one_clear_error(tmp_path, monkeypatch):
