@@ -16,16 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sapo.config import ModelConfig, ParallelConfig
+from megatron_sapo.megatron import compat
 
 
 def have_transformer_engine() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """TE layer specs are used on CUDA machines where transformer_engine imports."""
+    return torch.cuda.is_available() and compat.transformer_engine_importable()
 
 
 def resolve_dtype(mcfg: ModelConfig) -> torch.dtype:
