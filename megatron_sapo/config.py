@@ -393,9 +393,6 @@ def _require(ok: bool, key: str, rule: str) -> None:
 def _validate_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     for name in ("tp", "pp", "ep", "etp", "cp", "dp"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
-    # megatron's GPTModel expects each CP rank to hold its own chunks of every sequence; the engine does not split
-    # batches (nor gather per-token outputs) over CP yet: running cp > 1 would silently train on wrong attention
-    _require(p.cp == 1, "parallel.cp", f"context parallelism is not implemented in the engine yet; got cp={p.cp}")
     _require(
         m.num_attention_heads % p.tp == 0,
         "parallel.tp",
@@ -494,7 +491,7 @@ def _validate_model(m: ModelConfig) -> None:
         )
 
 
-def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig, cp: int = 1, diagnostics_on: bool = False) -> None:
+def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
     from megatron_sapo.algo import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
 
     for key, registry, value in (
@@ -513,12 +510,6 @@ def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig, cp: int = 1,
     _require(a.tis_cap >= 0, "algo.tis_cap", f"must be >= 0 (0 = off), got {a.tis_cap}")
     if a.routing_replay != "none":
         _require(m.is_moe, "algo.routing_replay", "routing replay needs an MoE model (model.num_experts > 0)")
-    if a.routing_replay != "none" or diagnostics_on:
-        _require(
-            cp == 1,
-            "algo.routing_replay" if a.routing_replay != "none" else "diagnostics.router_every",
-            "routing capture and replay do not support context parallelism (parallel.cp > 1) yet",
-        )
     if a.routing_replay == "r3":
         _require(
             r.engine == "sglang",
@@ -551,6 +542,12 @@ def _validate_batching(cfg: Config) -> None:
         not (t.pack_sequences and p.vpp),
         "train.pack_sequences",
         "packing is not supported with a virtual pipeline (parallel.vpp): unset one of them",
+    )
+    # packed rows need TE's THD format to be split over CP ranks (not built): megatron_sapo/megatron/packing.py
+    _require(
+        not (t.pack_sequences and p.cp > 1),
+        "train.pack_sequences",
+        f"packing is not supported with context parallelism (parallel.cp={p.cp}): unset one of them",
     )
     samples = r.prompts_per_step * r.n
     per_minibatch, rem = divmod(samples, a.minibatches)
@@ -588,7 +585,7 @@ def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the key and the rule; returns cfg for chaining."""
     _validate_model(cfg.model)
     _validate_parallel(cfg.model, cfg.parallel)
-    _validate_algo(cfg.algo, cfg.model, cfg.rollout, cfg.parallel.cp, cfg.diagnostics.router_every > 0)
+    _validate_algo(cfg.algo, cfg.model, cfg.rollout)
     _validate_batching(cfg)
     _validate_sglang(cfg.rollout.sglang)
     wandb_ok = not cfg.logging.wandb_project or importlib.util.find_spec("wandb") is not None

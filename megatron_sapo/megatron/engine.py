@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import Config
-from megatron_sapo.megatron import checkpoint, loss_glue, model, optimizer, packing, routing, weights
+from megatron_sapo.megatron import checkpoint, context_parallel, loss_glue, model, optimizer, packing, routing, weights
 from megatron_sapo.megatron.logprobs import attach_log_prob_head
 from megatron_sapo.megatron.parallel import ParallelState, init_parallel
 
@@ -74,9 +74,11 @@ class MegatronEngine:
         rows = slice(self.par.dp_rank * (n // dp), (self.par.dp_rank + 1) * (n // dp))
         return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in batch.items()}
 
-    def _length(self, batch: dict) -> int:
-        multiple = self.cfg.parallel.tp if self.cfg.parallel.sp else 1
-        multiple *= 2 * self.cfg.parallel.cp if self.cfg.parallel.cp > 1 else 1
+    def _length(self, batch: dict, rounded: bool = True) -> int:
+        """Model input length: up to the batch's last loss token; `rounded` up to what SP (tp) and CP (2*cp
+        chunks) split evenly."""
+        multiple = self.cfg.parallel.tp if self.cfg.parallel.sp and rounded else 1
+        multiple *= 2 * self.cfg.parallel.cp if self.cfg.parallel.cp > 1 and rounded else 1
         mask = batch.get("loss_mask")
         if mask is None:
             mask = torch.ones(batch["tokens"].shape[0], batch["tokens"].shape[1] - 1)
@@ -118,14 +120,15 @@ class MegatronEngine:
         mbs = self._microbatches(batch, length, size)
         for m in self.model:
             m.eval()
-        step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy)
+        step = loss_glue.log_prob_forward_step(self.loss_spec, self.head, with_entropy, self.par.cp_group)
         if self.routing is not None:
             self.routing.begin(record_routing)
         outputs = self._run(step, mbs, length, True)
         for m in self.model:
             m.train()
         keys = ("log_probs", "entropy") if with_entropy else ("log_probs",)
-        results = tuple(self._gather_rows(outputs, key, n, seq, length) for key in keys)
+        valid = self._length(batch, rounded=False)
+        results = tuple(self._gather_rows(outputs, key, n, seq, length, valid) for key in keys)
         if record_routing:
             results += (self.routing.collect(n, seq, length, size) if self.routing is not None else None,)
         if self.routing is not None:
@@ -146,6 +149,10 @@ class MegatronEngine:
         mbs = loss_glue.make_microbatches(local, size, length)
         if replay is not None:
             routing.attach_replay(mbs, replay, size, length, self.tcfg.moe_router_topk)
+        if self.cfg.parallel.cp > 1:  # whole rows, and the columns this CP rank feeds the model
+            columns = context_parallel.local_positions(length, self.cfg.parallel.cp, self.par.cp_rank)
+            for mb in mbs:
+                mb["cp_positions"] = columns
         return mbs
 
     def _forward_only_micro_batch_size(self, n: int) -> int:
@@ -156,8 +163,9 @@ class MegatronEngine:
         want, local = t.logprob_micro_batch_size or t.micro_batch_size, n // self.par.dp
         return max(d for d in range(1, min(want, local) + 1) if local % d == 0)
 
-    def _gather_rows(self, outputs: list, key: str, n: int, seq: int, length: int) -> torch.Tensor:
-        """[N, S-1] on every rank from the last stage's micro-batch outputs of each DP rank."""
+    def _gather_rows(self, outputs: list, key: str, n: int, seq: int, length: int, valid: int) -> torch.Tensor:
+        """[N, S-1] on every rank from the last stage's micro-batch outputs of each DP rank; 0 from column
+        `valid` on (the rounding of the input length to the layout: the same result at every layout)."""
         # Collectives on the backend's device (NCCL needs CUDA tensors); the result goes to the CPU.
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         mine = torch.zeros(n // self.par.dp, length, device=device)
@@ -170,7 +178,7 @@ class MegatronEngine:
             dist.broadcast(full, src=self._last_stage_global_rank(), group=self.par.pp_group)
         full = full.cpu()
         out = torch.zeros(n, seq - 1)
-        width = min(length, seq - 1)
+        width = min(valid, seq - 1)
         out[:, :width] = full[:, :width]
         return out
 
@@ -188,7 +196,7 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         sink = [] if record_routing else None
         forward_step = loss_glue.policy_forward_step(
-            self.loss_spec, self.head, denominators, len(mbs), self.par.dp, sink=sink
+            self.loss_spec, self.head, denominators, len(mbs), self.par.dp, sink=sink, cp_group=self.par.cp_group
         )
         if self.routing is not None:
             self.routing.begin(record_routing, training=True)
@@ -198,7 +206,10 @@ class MegatronEngine:
             n, seq = batch["tokens"].shape
             if self.routing is not None:
                 routing_used = self.routing.collect(n, seq, length, self.cfg.train.micro_batch_size)
-            routing_used = dict(routing_used or {}, log_probs=self._gather_rows(sink, "log_probs", n, seq, length))
+            routing_used = dict(
+                routing_used or {},
+                log_probs=self._gather_rows(sink, "log_probs", n, seq, length, self._length(batch, False)),
+            )
         if self.routing is not None:
             self.routing.end()
         metrics = loss_glue.reduce_metrics(

@@ -8,7 +8,10 @@ Megatron then applies two averages that we undo explicitly:
     also multiplies by the CP size, which DDP's 1/(dp*cp) then cancels),
   * DDP scales gradients by 1/(dp*cp) before summing them over the data-parallel ranks (dense and
     expert parameters alike when calculate_per_token_loss is False).
-So loss_func returns loss * num_microbatches * dp. The MoE aux loss is NOT rescaled: megatron scales it by
+So loss_func returns loss * num_microbatches * dp. With context parallelism every CP rank evaluates the
+whole micro-batch's loss on the gathered log-probs but backpropagates it only through its own tokens
+(context_parallel.py), so the CP ranks' gradients add up to one loss's gradient, which the schedule's
+x cp and DDP's 1/(dp*cp) leave as it is. The MoE aux loss is NOT rescaled: megatron scales it by
 1/num_microbatches (MoEAuxLossAutoScaler) and DDP by 1/dp, i.e. it is the mean over all micro-batches
 of each micro-batch's load-balancing loss, as megatron defines it (it depends on how tokens are grouped
 into micro-batches; the policy loss does not).
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.megatron import compat
+from megatron_sapo.megatron import compat, context_parallel
 
 # How each metric of compute_policy_loss combines across micro-batches and ranks; any other name is taken
 # to be a mean over this batch's loss tokens and is token-weighted.
@@ -177,8 +180,15 @@ def _log_prob_loss_func(mb, output_tensor):
     return log_probs.new_zeros(()), data
 
 
-def _forward_step(loss_func, data_iterator, model):
+def _forward_step(loss_func, cp_group, data_iterator, model):
     mb = to_device(next(data_iterator))
+    columns = mb.get("cp_positions")
+    if columns is not None:
+        # Context parallel: this rank's columns go in, the loss sees whole rows (context_parallel.py). The
+        # device mode stays on: megatron's rope picks this rank's positions with pin_memory and .cuda().
+        tokens, position_ids, labels = (mb[k].index_select(1, columns) for k in ("tokens", "position_ids", "labels"))
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, lambda out: loss_func(mb, context_parallel.gather_columns(out, cp_group))
     # attention_mask None: the layer spec's causal mask (right padding sits after every loss token); packed
     # rows bring their block-diagonal one. labels: the last stage returns log-probs through the LogProbHead.
     with compat.device_args_suspended():  # the forward reaches no "cuda" literal: skip the per-op rewrite
@@ -186,18 +196,21 @@ def _forward_step(loss_func, data_iterator, model):
     return output, functools.partial(loss_func, mb)
 
 
-def policy_forward_step(spec: LossSpec, head, denominators, num_microbatches: int, dp_size: int, sink=None):
-    """forward_step_func for training; see the module docstring for the scale. `sink`: see _policy_loss_func."""
+def policy_forward_step(
+    spec: LossSpec, head, denominators, num_microbatches: int, dp_size: int, sink=None, cp_group=None
+):
+    """forward_step_func for training; see the module docstring for the scale. `sink`: see _policy_loss_func.
+    `cp_group`: the context-parallel group (micro-batches then carry cp_positions)."""
     head.temperature, head.with_entropy = spec.temperature, spec.entropy_coef > 0 or spec.entropy_metric
     loss_func = functools.partial(
         _policy_loss_func, spec=spec, denominators=denominators, scale=num_microbatches * dp_size, sink=sink
     )
-    return functools.partial(_forward_step, lambda mb, out: loss_func(mb, output_tensor=out))
+    return functools.partial(_forward_step, lambda mb, out: loss_func(mb, output_tensor=out), cp_group)
 
 
-def log_prob_forward_step(spec: LossSpec, head, with_entropy: bool = False):
+def log_prob_forward_step(spec: LossSpec, head, with_entropy: bool = False, cp_group=None):
     head.temperature, head.with_entropy = spec.temperature, with_entropy
-    return functools.partial(_forward_step, _log_prob_loss_func)
+    return functools.partial(_forward_step, _log_prob_loss_func, cp_group)
 
 
 def reduce_metrics(per_microbatch: list[dict], dp_group, pp_group, last_stage_rank: int, is_last: bool) -> dict:

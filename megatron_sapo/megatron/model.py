@@ -3,7 +3,8 @@
 RMSNorm, rotary embeddings, SwiGLU, optional QK layernorm, no biases; MoE layers with megatron's
 TopKRouter (softmax over the top-k logits, i.e. Qwen3's normalised top-k probabilities), an aux or
 sequence-aux load-balancing loss, alltoall or allgather token dispatcher and an optional shared expert.
-Local (non-TE) layer spec on CPU; Transformer Engine spec when CUDA and TE import. fp32 on CPU, bf16 on
+Local (non-TE) layer spec on CPU (with context_parallel.py's attention when parallel.cp > 1); Transformer
+Engine spec when CUDA and TE import. fp32 on CPU, bf16 on
 GPU (dtype="auto").
 """
 
@@ -126,12 +127,17 @@ def layer_spec(tcfg, mcfg: ModelConfig):
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=tcfg.moe_grouped_gemm, qk_layernorm=mcfg.qk_layernorm
         )
-    return specs.get_gpt_layer_local_spec(
+    spec = specs.get_gpt_layer_local_spec(
         num_experts=num_experts,
         moe_grouped_gemm=False,
         qk_layernorm=mcfg.qk_layernorm,
         normalization="RMSNorm",
     )
+    if tcfg.context_parallel_size > 1:  # the local DotProductAttention refuses CP: context_parallel.py
+        from megatron_sapo.megatron.context_parallel import all_gather_kv_attention
+
+        spec.submodules.self_attention.submodules.core_attention = all_gather_kv_attention()
+    return spec
 
 
 def build_model_chunks(mcfg: ModelConfig, tcfg, pcfg: ParallelConfig) -> list:

@@ -66,10 +66,12 @@ class ParallelState:
     dp_rank: int
     ep_rank: int
     etp_rank: int
+    cp_rank: int
     tp_group: object
     pp_group: object
     dp_group: object  # data parallel (without CP), over which the batch is split
     dp_cp_group: object  # what DDP reduces dense gradients over
+    cp_group: object  # context parallel: the ranks that share each sequence (context_parallel.py)
     ep_group: object
     mp_group: object
     pg_collection: object  # megatron ProcessGroupCollection (for APIs that take explicit groups)
@@ -145,10 +147,12 @@ def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
         dp_rank=ps.get_data_parallel_rank(),
         ep_rank=ps.get_expert_model_parallel_rank(),
         etp_rank=ps.get_expert_tensor_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        cp_group=ps.get_context_parallel_group(),
         ep_group=ps.get_expert_model_parallel_group(),
         mp_group=ps.get_model_parallel_group(),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),

@@ -24,7 +24,8 @@ Routing tensors use the batch's layout: ids [N, S-1, L, K] (L = num_layers of th
 layer index; -1 where a layer is dense or a position was not routed), aligned with log-prob index t (the
 routing of input token tokens[:, t]). Capture restores that order from what each rank routes: a token
 block [s_local * b] in sequence-major order, the SP shard of the sequence under TP+SP, this PP stage's
-layers, this DP rank's rows. Context parallelism (which permutes the sequence) is not supported.
+layers, this DP rank's rows, and under context parallelism this CP rank's columns (context_parallel.py: two
+chunks of each row, which the SP shard then splits). Replay takes the same tokens out of the batch layout.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class _Slot:
         mb_index, mb = h.current.get(self.chunk, (None, None))
         target = mb.get(REPLAY_KEY) if mb is not None else None
         if target is not None:
-            ids = h.local_tokens(target[:, :, self.layer, :]).to(scores.device)
+            ids = h.local_tokens(target[:, :, self.layer, :], mb.get("cp_positions")).to(scores.device)
             values = scores.gather(1, ids)
         else:
             values, ids = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
@@ -94,6 +95,7 @@ class RoutingHandle:
         self.par = par
         self.sp_size = par.cfg.tp if tcfg.sequence_parallel else 1
         self.sp_rank = par.tp_rank if tcfg.sequence_parallel else 0
+        self.cp_size, self.cp_rank = par.cfg.cp, getattr(par, "cp_rank", 0)
         self.slots: list[_Slot] = []
         for c, chunk in enumerate(chunks):
             for module in chunk.modules():
@@ -110,15 +112,17 @@ class RoutingHandle:
 
     @classmethod
     def attach(cls, chunks: list, tcfg, par) -> RoutingHandle | None:
-        """A handle for an MoE model; None for a dense one, and with context parallelism, whose token
-        order this module does not restore (config validation refuses replay and diagnostics there)."""
-        if not getattr(tcfg, "num_moe_experts", None) or tcfg.context_parallel_size > 1:
+        """A handle for an MoE model; None for a dense one."""
+        if not getattr(tcfg, "num_moe_experts", None):
             return None
         return cls(chunks, tcfg, par)
 
     # -- per micro-batch ----------------------------------------------------------------------------------
-    def local_tokens(self, ids_bsk: torch.Tensor) -> torch.Tensor:
-        """[b, s, K] ids of a micro-batch -> the [s_local * b, K] rows this rank routes (sequence-major)."""
+    def local_tokens(self, ids_bsk: torch.Tensor, cp_columns: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, s, K] ids of a micro-batch -> the [s_local * b, K] rows this rank routes (sequence-major): its
+        CP columns (the micro-batch's cp_positions) when given, then its SP shard of them."""
+        if cp_columns is not None:
+            ids_bsk = ids_bsk.index_select(1, cp_columns.to(ids_bsk.device))
         b, s, k = ids_bsk.shape
         per = s // self.sp_size
         part = ids_bsk[:, self.sp_rank * per : (self.sp_rank + 1) * per]
@@ -152,8 +156,13 @@ class RoutingHandle:
         n_local = n // par.dp
         # ids + 1 (0 = not recorded) | probs | entropy; ranks fill disjoint parts, summed below
         buf = torch.zeros(n_local, length, layers, 2 * k + 1, device=device)
-        per = length // self.sp_size
-        cols = slice(self.sp_rank * per, (self.sp_rank + 1) * per)
+        columns = torch.arange(length)  # this rank's columns, in the order it routes them
+        if self.cp_size > 1:
+            from megatron_sapo.megatron.context_parallel import local_positions
+
+            columns = local_positions(length, self.cp_size, self.cp_rank)
+        per = len(columns) // self.sp_size
+        cols = columns[self.sp_rank * per : (self.sp_rank + 1) * per].to(device)
         for mb_index, layer, ids, top, entropy, packed_mb in self.records:
             b = ids.shape[0] // per
             values = torch.cat([ids.float() + 1, top, entropy.unsqueeze(-1)], -1).view(per, b, -1).transpose(0, 1)
@@ -169,6 +178,8 @@ class RoutingHandle:
         self.records = []
         if self.sp_size > 1:
             dist.all_reduce(buf, group=par.tp_group)
+        if self.cp_size > 1:
+            dist.all_reduce(buf, group=par.cp_group)
         if par.cfg.pp > 1:
             dist.all_reduce(buf, group=par.pp_group)
         if par.dp > 1:

@@ -18,6 +18,7 @@ ROUTER_LAYOUTS = {
     "ep2_dp4": dict(ep=2, dp=4),
     "pp2_dp2": dict(pp=2, dp=2),
     "tp2_ep2_sp": dict(tp=2, sp=True, ep=2, dp=2),
+    "cp2_tp2_sp": dict(cp=2, tp=2, etp=2, sp=True),  # CP columns, then the SP shard of them
 }
 
 

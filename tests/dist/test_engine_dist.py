@@ -47,7 +47,16 @@ def _rel(got: dict, ref: dict) -> float:
     return max(float((got[k] - r).abs().max()) / max(float(r.abs().max()), 1e-6) for k, r in ref.items())
 
 
-LAYOUTS = ["tp2_sp_dp2", "pp2_dp2", "ep2_dp4", "tp2_ep2_sp", "tp2_ep2_etp2_sp", "pp2_vpp2_tp2"]
+LAYOUTS = [
+    "tp2_sp_dp2",
+    "pp2_dp2",
+    "ep2_dp4",
+    "tp2_ep2_sp",
+    "tp2_ep2_etp2_sp",
+    "pp2_vpp2_tp2",
+    "cp2_tp2_sp",
+    "cp2_ep2_dp2",
+]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -86,6 +95,13 @@ def test_negative_control_batched_p2p_with_vpp_is_caught(results):
     the comparison above catches that."""
     _, multi = results
     assert multi["negative/pp2_vpp2_tp2_batch_p2p"]["grad_rel"] > 1e-2
+
+
+def test_negative_control_cp_chunks_out_of_megatrons_layout_are_caught(results):
+    """CP2 with contiguous halves instead of megatron's load-balanced chunks (its rope's layout): the
+    log-probs comparison of the CP layouts above would catch it."""
+    _, multi = results
+    assert multi["negative/cp2_contiguous_chunks"] > 1e-2
 
 
 def test_microbatches_and_plain_full_batch_reference(results):
@@ -153,7 +169,7 @@ def test_gloo_uneven_gather_patch(results):
 # ----------------------------------------------------------------------------------------------------------
 # routing capture / replay / router diagnostics (tests/dist/router_checks.py)
 # ----------------------------------------------------------------------------------------------------------
-ROUTER_LAYOUTS = ["tp2_sp_dp2", "tp2_etp2_nosp_dp2", "ep2_dp4", "pp2_dp2", "tp2_ep2_sp"]
+ROUTER_LAYOUTS = ["tp2_sp_dp2", "tp2_etp2_nosp_dp2", "ep2_dp4", "pp2_dp2", "tp2_ep2_sp", "cp2_tp2_sp"]
 
 
 def test_router_reference_is_not_vacuous(results):

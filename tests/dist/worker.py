@@ -25,7 +25,7 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore")
 
 from megatron_sapo.config import Config, ParallelConfig  # noqa: E402
-from megatron_sapo.megatron import compat, weights  # noqa: E402
+from megatron_sapo.megatron import compat, context_parallel, weights  # noqa: E402
 from megatron_sapo.megatron.engine import MegatronEngine  # noqa: E402
 from megatron_sapo.megatron.parallel import init_parallel, init_torch_distributed  # noqa: E402
 
@@ -57,12 +57,15 @@ def make_config(aux: bool = True, distopt: bool = False, mbs: int = 2, **paralle
 
 
 def make_batch() -> dict:
-    """8 right-padded sequences: prompts of 3-8 tokens, responses of 6-22 tokens, then padding."""
+    """8 right-padded sequences: prompts of 3-8 tokens, responses of 6-22 tokens, then padding; the last one
+    fills the row, so that the model input (S-1 = 32 positions) needs no rounding for SP or CP: megatron's
+    load-balancing loss counts padding positions too, so rounding would change the aux-loss reference."""
     g = torch.Generator().manual_seed(7)
     tokens = torch.zeros(N, S, dtype=torch.long)
     loss_mask = torch.zeros(N, S - 1)
     for i in range(N):
-        prompt, response = 3 + i % 6, 6 + (5 * i) % 17
+        prompt = 3 + i % 6
+        response = S - prompt if i == N - 1 else 6 + (5 * i) % 17
         tokens[i, : prompt + response] = torch.randint(1, VOCAB, (prompt + response,), generator=g)
         loss_mask[i, prompt - 1 : prompt - 1 + response] = 1.0
     advantages = torch.randn(N, generator=g)
@@ -191,6 +194,9 @@ GRAD_LAYOUTS = {
     "tp2_ep2_etp2_sp": dict(tp=2, sp=True, ep=2, etp=2, dp=2),
     # dp=1: four micro-batches per rank, where batched p2p on gloo goes wrong (two did not show it).
     "pp2_vpp2_tp2": dict(pp=2, vpp=2, tp=2, etp=2, sp=True),
+    # context parallelism: megatron's local attention + context_parallel.AllGatherKVAttention on gloo
+    "cp2_tp2_sp": dict(cp=2, tp=2, etp=2, sp=True),
+    "cp2_ep2_dp2": dict(cp=2, ep=2, dp=2),
 }
 
 
@@ -243,6 +249,25 @@ def check_stream_to_one_rank(eng: MegatronEngine) -> dict:
     return {"all_ranks_ok": bool(flag.item()), "buckets": len(buckets), "same_count": int(counts[0]) == -int(counts[1])}
 
 
+def cp_with_contiguous_chunks(batch: dict, w0: dict, ref_log_probs: torch.Tensor) -> float:
+    """Negative control: CP2 with each rank holding one contiguous half of the sequence, consistently in the
+    data split, the attention mask and the gather, but not in megatron's rope (which selects the load-balanced
+    chunks r and 2cp-1-r). Returns the largest log-prob difference from the single-process run."""
+    original = context_parallel._positions
+
+    def contiguous(length: int, cp: int, rank: int) -> torch.Tensor:
+        return torch.arange(rank * length // cp, (rank + 1) * length // cp)
+
+    context_parallel._positions = contiguous
+    context_parallel._gathered_order.cache_clear()
+    try:
+        with Layout(make_config(**GRAD_LAYOUTS["cp2_ep2_dp2"]), w0) as eng:
+            return float((eng.compute_log_probs(batch) - ref_log_probs).abs().max())
+    finally:
+        context_parallel._positions = original
+        context_parallel._gathered_order.cache_clear()
+
+
 def phase_multi(out_dir: str, ref: dict) -> dict:
     res: dict = {"gloo_uneven": check_gloo_uneven_gather()}
     batch, w0 = ref["batch"], ref["w0"]
@@ -290,6 +315,8 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
         metrics, grads = grads_of(eng, batch)
         res["negative/pp2_vpp2_tp2_batch_p2p"] = {"grad_rel": rel_diff(grads, ref["sapo_grads"])}
     log0("negative control", res["negative/pp2_vpp2_tp2_batch_p2p"])
+    res["negative/cp2_contiguous_chunks"] = cp_with_contiguous_chunks(batch, w0, ref["log_probs"])
+    log0("negative control", res["negative/cp2_contiguous_chunks"])
 
     big = dict(tp=2, pp=2, ep=2, sp=True, dp=1)
     with Layout(make_config(distopt=True, **big), w0) as eng:
