@@ -543,12 +543,6 @@ def _validate_batching(cfg: Config) -> None:
         "train.pack_sequences",
         "packing is not supported with a virtual pipeline (parallel.vpp): unset one of them",
     )
-    # packed rows need TE's THD format to be split over CP ranks (not built): megatron_sapo/megatron/packing.py
-    _require(
-        not (t.pack_sequences and p.cp > 1),
-        "train.pack_sequences",
-        f"packing is not supported with context parallelism (parallel.cp={p.cp}): unset one of them",
-    )
     samples = r.prompts_per_step * r.n
     per_minibatch, rem = divmod(samples, a.minibatches)
     _require(

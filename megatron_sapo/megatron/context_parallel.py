@@ -10,7 +10,8 @@ Who does what:
   model only those (tokens, labels, position ids).
 - attention: with Transformer Engine, TE's own CP attention (GPU). Without TE, megatron-core's local
   DotProductAttention refuses cp > 1, so model.layer_spec puts AllGatherKVAttention (below) in its place:
-  the same module plus the key/value exchange of TE's 'all_gather' CP algorithm.
+  the same module plus the key/value exchange of TE's 'all_gather' CP algorithm. It also takes packed rows
+  (train.pack_sequences): loss_glue hands it the block-diagonal mask's rows of this rank's queries.
 - loss: the last stage's per-token log-probs (and entropy) are gathered back into whole rows over the CP
   group (gather_columns), so the loss, its metrics and the log-prob pass see whole sequences, as at cp=1.
   Every CP rank computes the same loss; the gather's backward keeps each rank's own columns of the
@@ -101,13 +102,13 @@ def all_gather_kv_attention() -> type:
             cp = self.cp_group.size()
             if cp == 1:
                 return super().forward(query, key, value, attention_mask, *args, **kwargs)
-            if attention_mask is not None:
-                raise ValueError("context parallelism without TE supports causal attention only (no packed mask)")
             length = query.shape[0] * cp
             key = _gather(key, self.cp_group, output_grad_is_split=True)
             value = _gather(value, self.cp_group, output_grad_is_split=True)
-            q_positions = _positions(length, cp, self.cp_group.rank()).to(query.device)
-            masked = torch.arange(length, device=query.device)[None, :] > q_positions[:, None]  # future keys
-            return super().forward(query, key, value, masked[None, None], *args, **kwargs)
+            if attention_mask is None:  # causal by global position
+                q_positions = _positions(length, cp, self.cp_group.rank()).to(query.device)
+                attention_mask = (torch.arange(length, device=query.device)[None, :] > q_positions[:, None])[None, None]
+            # else packed rows (packing.py): the block-diagonal mask's rows of this rank's queries, all keys
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
 
     return AllGatherKVAttention

@@ -137,7 +137,8 @@ class MegatronEngine:
 
     def _microbatches(self, batch: dict, length: int, size: int | None = None) -> list:
         """This rank's micro-batches of `size` rows, packed with train.pack_sequences (packing.py; routing replay
-        ids are packed with them, routing records unpacked by RoutingHandle.collect)."""
+        ids are packed with them, routing records unpacked by RoutingHandle.collect); with context parallelism
+        they keep whole rows and name this CP rank's columns (context_parallel.py)."""
         size = size or self.cfg.train.micro_batch_size
         local = self._local(batch, size)
         replay = local.get(routing.REPLAY_KEY) if self.routing is not None else None
@@ -145,10 +146,10 @@ class MegatronEngine:
             mbs = packing.pack_microbatches(local, size, length)
             if replay is not None:
                 packing.attach_packed_replay(mbs, replay, length, self.tcfg.moe_router_topk)
-            return mbs
-        mbs = loss_glue.make_microbatches(local, size, length)
-        if replay is not None:
-            routing.attach_replay(mbs, replay, size, length, self.tcfg.moe_router_topk)
+        else:
+            mbs = loss_glue.make_microbatches(local, size, length)
+            if replay is not None:
+                routing.attach_replay(mbs, replay, size, length, self.tcfg.moe_router_topk)
         if self.cfg.parallel.cp > 1:  # whole rows, and the columns this CP rank feeds the model
             columns = context_parallel.local_positions(length, self.cfg.parallel.cp, self.par.cp_rank)
             for mb in mbs:

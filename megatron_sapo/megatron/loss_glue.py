@@ -187,7 +187,9 @@ def _forward_step(loss_func, cp_group, data_iterator, model):
         # Context parallel: this rank's columns go in, the loss sees whole rows (context_parallel.py). The
         # device mode stays on: megatron's rope picks this rank's positions with pin_memory and .cuda().
         tokens, position_ids, labels = (mb[k].index_select(1, columns) for k in ("tokens", "position_ids", "labels"))
-        output = model(tokens, position_ids, None, labels=labels)
+        mask = mb.get("attention_mask")  # packed rows: this rank's query rows, every key in position order
+        mask = mask.index_select(2, columns) if mask is not None else None
+        output = model(tokens, position_ids, mask, labels=labels)
         return output, lambda out: loss_func(mb, context_parallel.gather_columns(out, cp_group))
     # attention_mask None: the layer spec's causal mask (right padding sits after every loss token); packed
     # rows bring their block-diagonal one. labels: the last stage returns log-probs through the LogProbHead.

@@ -68,9 +68,9 @@ def test_sapo_loss_and_gradients_match_single_process(results, layout):
     assert multi[f"{layout}/log_probs"] <= 1e-5
 
 
-@pytest.mark.parametrize("layout", ["tp2_ep2_sp", "pp2_dp2"])
+@pytest.mark.parametrize("layout", ["tp2_ep2_sp", "pp2_dp2", "cp2_tp2_sp"])
 def test_packed_sequences_match_single_process(results, layout):
-    """train.pack_sequences at TP2xEP2+SP and PP2 (x DP2): loss, gradients and log-probs of the unpacked
+    """train.pack_sequences at TP2xEP2+SP, PP2 (x DP2) and CP2xTP2+SP: loss, gradients and log-probs of the unpacked
     single-process run (tests/unit/test_packing.py has the negative control)."""
     _, multi = results
     got = multi[f"packed/{layout}"]

@@ -201,7 +201,11 @@ GRAD_LAYOUTS = {
 
 
 # train.pack_sequences (no aux loss: megatron's load-balancing loss depends on how tokens are grouped)
-PACKED_LAYOUTS = {"tp2_ep2_sp": dict(tp=2, sp=True, ep=2, dp=2), "pp2_dp2": dict(pp=2, dp=2)}
+PACKED_LAYOUTS = {
+    "tp2_ep2_sp": dict(tp=2, sp=True, ep=2, dp=2),
+    "pp2_dp2": dict(pp=2, dp=2),
+    "cp2_tp2_sp": dict(cp=2, tp=2, etp=2, sp=True),  # packed rows split over CP ranks
+}
 
 
 def check_gloo_uneven_gather() -> dict:

@@ -101,7 +101,6 @@ BAD = [
     (["algo.tis_cap=-2"], "algo.tis_cap", "must be >= 0"),
     (["algo.routing_replay=r2", "model.num_experts=0"], "algo.routing_replay", "needs an MoE model"),
     (["algo.routing_replay=r3"], "algo.routing_replay", "only rollout.engine=sglang"),
-    (["parallel.cp=2", "train.pack_sequences=true"], "train.pack_sequences", "not supported with context parallelism"),
     (["rollout.n=1"], "rollout.n", "need n >= 2"),
     (["rollout.prompts_per_step=0"], "rollout.prompts_per_step", "must be >= 1"),
     (["rollout.max_new_tokens=0"], "rollout.max_new_tokens", "must be >= 1"),
@@ -147,7 +146,7 @@ def test_defaults_and_good_layouts_validate():
         ["parallel.ep=2", "parallel.dp=2"],
         ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.ep=2"],
         ["model.num_layers=4", "parallel.pp=2", "parallel.vpp=2"],
-        ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.etp=2"],
+        ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.etp=2", "train.pack_sequences=true"],
         ["parallel.cp=2", "parallel.ep=2", "algo.routing_replay=r2", "diagnostics.router_every=1"],
     ):
         load_config(None, good)
