@@ -40,3 +40,19 @@ def test_resume_across_expert_parallel_sizes_keeps_the_optimizer_state(tmp_path)
         # optimizer state) change it far beyond float32 layout noise
         for key in ("loss", "grad_norm", "reward_mean"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_context_parallel_run_matches_and_resumes_at_cp1(tmp_path):
+    """The trainer at CP2 (two processes sharing each sequence): step 1 equals the single-process run, and its
+    checkpoint resumes at CP1 for steps 2-3 as if never interrupted. Without the load-balancing loss, which
+    megatron computes over every input position (CP rounds the length up to a multiple of 2 * cp)."""
+    no_aux = ["model.moe_router_load_balancing=none"]
+    straight, hopping = str(tmp_path / "straight"), str(tmp_path / "hopping")
+    _train(straight, 3, *no_aux)
+    _train(hopping, 1, "parallel.cp=2", *no_aux)
+    assert "resumed from" in _train(hopping, 3, *no_aux)
+    want, got = _metrics(straight), _metrics(hopping)
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "grad_norm", "reward_mean", "ratio_std"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
