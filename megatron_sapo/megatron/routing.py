@@ -95,7 +95,7 @@ class RoutingHandle:
         self.par = par
         self.sp_size = par.cfg.tp if tcfg.sequence_parallel else 1
         self.sp_rank = par.tp_rank if tcfg.sequence_parallel else 0
-        self.cp_size, self.cp_rank = par.cfg.cp, getattr(par, "cp_rank", 0)
+        self.cp_size, self.cp_rank = par.cfg.cp, par.cp_rank
         self.slots: list[_Slot] = []
         for c, chunk in enumerate(chunks):
             for module in chunk.modules():

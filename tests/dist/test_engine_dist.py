@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.batches import max_rel_diff
+
 pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,11 +42,6 @@ def results(tmp_path_factory):
     _launch(4, "multi", out)
     load = lambda name: torch.load(out / f"{name}.pt", weights_only=False)  # noqa: E731
     return load("ref"), load("multi")
-
-
-def _rel(got: dict, ref: dict) -> float:
-    """Largest max|got - ref| / max|ref| over the tensors of ref (as worker.rel_diff)."""
-    return max(float((got[k] - r).abs().max()) / max(float(r.abs().max()), 1e-6) for k, r in ref.items())
 
 
 LAYOUTS = [
@@ -86,7 +83,7 @@ def test_grpo_gspo_match_at_tp2_ep2(results, loss):
     got = multi[f"tp2_ep2_sp/{loss}"]
     assert got["loss_diff"] <= LOSS_TOL and got["grad_rel"] <= GRAD_TOL, got
     # the clipped losses really differ from SAPO's: the comparison is not vacuous
-    assert _rel(ref[f"{loss}_grads"], ref["sapo_grads"]) > 1e-2
+    assert max_rel_diff(ref[f"{loss}_grads"], ref["sapo_grads"]) > 1e-2
     assert ref[f"{loss}_metrics"]["clip_frac"] > 0
 
 
@@ -112,10 +109,10 @@ def test_microbatches_and_plain_full_batch_reference(results):
     loss1, grads1 = ref["noaux_mbs8"]
     loss_plain, grads_plain = ref["plain"]
     assert abs(loss4 - loss1) <= LOSS_TOL and abs(loss4 - loss_plain) <= LOSS_TOL
-    assert _rel(grads4, grads1) <= GRAD_TOL
-    assert _rel(grads4, grads_plain) <= GRAD_TOL
+    assert max_rel_diff(grads4, grads1) <= GRAD_TOL
+    assert max_rel_diff(grads4, grads_plain) <= GRAD_TOL
     # the aux-loss model's gradients differ: the aux loss is really in the layout comparisons
-    assert _rel(ref["sapo_grads"], grads4) > 1e-2
+    assert max_rel_diff(ref["sapo_grads"], grads4) > 1e-2
 
 
 def test_metrics_reduced_across_microbatches_and_ranks(results):

@@ -28,6 +28,7 @@ from megatron_sapo.config import Config, ParallelConfig  # noqa: E402
 from megatron_sapo.megatron import compat, context_parallel, weights  # noqa: E402
 from megatron_sapo.megatron.engine import MegatronEngine  # noqa: E402
 from megatron_sapo.megatron.parallel import init_parallel, init_torch_distributed  # noqa: E402
+from tests.batches import max_rel_diff  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import router_checks  # noqa: E402
@@ -74,15 +75,6 @@ def make_batch() -> dict:
 
 def set_loss(engine: MegatronEngine, name: str) -> None:
     engine.loss_spec.name, engine.loss_spec.hyper = name, dict(LOSSES[name])
-
-
-def rel_diff(got: dict, ref: dict) -> float:
-    """Largest max|got - ref| / max|ref| over tensors (every key of ref must be present)."""
-    worst = 0.0
-    for key, r in ref.items():
-        scale = max(float(r.abs().max()), 1e-6)
-        worst = max(worst, float((got[key] - r).abs().max()) / scale)
-    return worst
 
 
 def grads_of(engine: MegatronEngine, batch: dict, loss: str = "sapo") -> tuple[dict, dict]:
@@ -284,7 +276,7 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
                 metrics, grads = grads_of(eng, batch, loss)
                 res[f"{name}/{loss}"] = {
                     "loss_diff": abs(metrics["loss"] - ref[f"{loss}_loss"]),
-                    "grad_rel": rel_diff(grads, ref[f"{loss}_grads"]),
+                    "grad_rel": max_rel_diff(grads, ref[f"{loss}_grads"]),
                     "metrics": metrics,
                 }
         log0(name, {k: v for k, v in res.items() if k.startswith(name)})
@@ -302,7 +294,7 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
         same = (packed_rec["ids"] == plain_rec["ids"]).all(-1)[mask]
         res[f"packed/{name}"] = {
             "loss_diff": abs(metrics["loss"] - loss_ref),
-            "grad_rel": rel_diff(grads, grads_ref),
+            "grad_rel": max_rel_diff(grads, grads_ref),
             "log_probs": float((lp - ref["log_probs"])[mask].abs().max()),
             # routing recorded on packed rows, back per sequence, against the unpacked record
             "routing_same": float(same.float().mean()),
@@ -317,7 +309,7 @@ def phase_multi(out_dir: str, ref: dict) -> dict:
     # Negative control: the same PP2+VPP2 layout with batched p2p, which the engine refuses on gloo.
     with Layout(make_config(**GRAD_LAYOUTS["pp2_vpp2_tp2"]), w0, batch_p2p_comm=True) as eng:
         metrics, grads = grads_of(eng, batch)
-        res["negative/pp2_vpp2_tp2_batch_p2p"] = {"grad_rel": rel_diff(grads, ref["sapo_grads"])}
+        res["negative/pp2_vpp2_tp2_batch_p2p"] = {"grad_rel": max_rel_diff(grads, ref["sapo_grads"])}
     log0("negative control", res["negative/pp2_vpp2_tp2_batch_p2p"])
     res["negative/cp2_contiguous_chunks"] = cp_with_contiguous_chunks(batch, w0, ref["log_probs"])
     log0("negative control", res["negative/cp2_contiguous_chunks"])

@@ -8,6 +8,7 @@ import torch
 
 from megatron_sapo.config import Config, ConfigError, load_config
 from megatron_sapo.megatron import model, packing, weights
+from tests.batches import max_rel_diff
 
 VOCAB = 128
 
@@ -81,11 +82,6 @@ def _grads(eng) -> dict:
     return weights.gather_global(eng.model, "grad")
 
 
-def _worst_rel(got: dict, ref: dict) -> float:
-    """Largest max|got - ref| / max|ref| over the tensors of ref."""
-    return max(float((got[k] - r).abs().max()) / max(float(r.abs().max()), 1e-6) for k, r in ref.items())
-
-
 def test_packed_rows_are_fewer(results):
     _, out = results
     # lengths 4, 13, 3, 7, 4, 18, 7, 6 in rows of 18: [4 13] [3 7 4] [18] [7 6], one micro-batch of 4 rows;
@@ -106,7 +102,7 @@ def test_packed_loss_and_gradients_match(results):
     assert out[True]["loss"] == pytest.approx(out[False]["loss"], rel=1e-5, abs=1e-7)
     ref, got = out[False]["grads"], out[True]["grads"]
     assert ref.keys() == got.keys()
-    worst = _worst_rel(got, ref)
+    worst = max_rel_diff(got, ref)
     assert worst < 1e-4, worst
 
 
@@ -148,7 +144,7 @@ def test_packed_routing_replay_matches_unpacked():
     torch.testing.assert_close(out[True][0][mask], out[False][0][mask], rtol=1e-5, atol=1e-5)
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-5, abs=1e-7)
     ref, got = out[False][2], out[True][2]
-    worst = _worst_rel(got, ref)
+    worst = max_rel_diff(got, ref)
     assert worst < 1e-4, worst
 
 
