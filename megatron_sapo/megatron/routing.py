@@ -162,7 +162,7 @@ class RoutingHandle:
 
             columns = local_positions(length, self.cp_size, self.cp_rank)
         per = len(columns) // self.sp_size
-        cols = columns[self.sp_rank * per : (self.sp_rank + 1) * per].to(device)
+        cols = columns[self.sp_rank * per : (self.sp_rank + 1) * per]  # CPU: indexes buf (any device) and full
         for mb_index, layer, ids, top, entropy, packed_mb in self.records:
             b = ids.shape[0] // per
             values = torch.cat([ids.float() + 1, top, entropy.unsqueeze(-1)], -1).view(per, b, -1).transpose(0, 1)
@@ -173,7 +173,7 @@ class RoutingHandle:
                 from megatron_sapo.megatron.packing import unpack
 
                 full = torch.zeros(b, length, values.shape[-1])
-                full[:, cols] = values
+                full[:, cols] = values.cpu()
                 buf[packed_mb["sequences"].to(device), :, layer] = unpack(full, packed_mb).to(device)
         self.records = []
         if self.sp_size > 1:

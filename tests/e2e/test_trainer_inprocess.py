@@ -191,6 +191,8 @@ def test_wandb_gets_the_metrics_rows(tmp_path, monkeypatch):
     with the resolved config."""
     import glob
 
+    # wandb is an optional extra (the dev extra installs it, so CI runs this); a bare GPU image may lack it
+    pytest.importorskip("wandb", reason="logging.wandb_project needs the optional wandb package")
     from megatron_sapo.diagnostics.writer import WANDB_ID_FILE
     from tests.unit.test_writer import _wandb_history
 
