@@ -47,6 +47,7 @@ class MegatronEngine:
         self.head = attach_log_prob_head(chunks, self.par.tp_group)
         self.model = optimizer.wrap_ddp(chunks, self.tcfg, cfg.optim.distributed_optimizer)
         self.optimizer = optimizer.build_optimizer(cfg.optim, self.model, self.tcfg.params_dtype)
+        self._sync_units: tuple[tuple, dict] | None = None  # (storage key, weights.shards_by_unit(...))
         steps = total_steps if total_steps is not None else cfg.train.steps * cfg.algo.minibatches
         self.scheduler = optimizer.build_scheduler(cfg.optim, self.optimizer, steps)
         a = cfg.algo
@@ -278,7 +279,16 @@ class MegatronEngine:
     def weight_buckets(self, bucket_mb: float, dst: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The weights as buckets of whole per-layer (per-expert) tensors on global rank `dst` ({} per bucket
         elsewhere): weights.stream_global. A collective: every rank runs it to its end."""
-        return weights.stream_global(self.model, bucket_mb, dst)
+        return weights.stream_global(self.model, bucket_mb, dst, grouped=self._sync_shards())
+
+    def _sync_shards(self) -> dict:
+        """weights.shards_by_unit(main_only) for the weight sync, rebuilt only when a parameter's storage moves:
+        building it walks megatron's sharded_state_dict, about 8% of a tiny CPU RL step when done every sync.
+        Its pieces are views of the parameters, so in-place updates (the optimizer, checkpoint loads) show."""
+        key = tuple(p.data_ptr() for chunk in self.model for p in chunk.parameters())
+        if self._sync_units is None or self._sync_units[0] != key:
+            self._sync_units = (key, weights.shards_by_unit(self.model, main_only=True))
+        return self._sync_units[1]
 
     def export_hf(self, bucket_mb: float, consume: Callable[[Iterator[dict[str, torch.Tensor]]], object], dst: int = 0):
         """The weight sync's and HF export's path: consume(buckets) runs on global rank `dst` with the weights as

@@ -188,11 +188,14 @@ def _bucket_plan(units: dict[str, tuple], bucket_mb: float, group) -> list[list[
 
 
 @torch.no_grad()
-def stream_global(chunks: list, bucket_mb: float, dst: int = 0, group=None) -> Iterator[dict[str, torch.Tensor]]:
+def stream_global(
+    chunks: list, bucket_mb: float, dst: int = 0, group=None, grouped: dict | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the model's parameters as buckets of whole units (in the parameters' own dtype, on the CPU) on
     global rank `dst`, and an empty dict per bucket elsewhere. A collective: every rank of `group` (default:
-    the world) must run the generator to its end, in step."""
-    grouped = shards_by_unit(chunks, main_only=True)
+    the world) must run the generator to its end, in step. grouped: shards_by_unit(chunks, main_only=True)
+    computed earlier (its pieces are views of the parameters), to skip rebuilding it."""
+    grouped = shards_by_unit(chunks, main_only=True) if grouped is None else grouped
     units = {name: (shape, shards[0][1].dtype) for name, (shape, shards) in grouped.items()}
     several = _several_ranks(group)
     rank = dist.get_rank() if several else dst

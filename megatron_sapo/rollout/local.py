@@ -33,17 +33,29 @@ class LocalEngine:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.weight_version = -1
+        self._targets: dict[str, torch.Tensor] | None = None
 
+    @torch.no_grad()
     def update_weights(self, weights: HFWeights, version: int) -> None:
-        """Load a dict or streamed buckets; every model weight must arrive exactly once in total."""
-        expected = set(self.model.state_dict())
-        if self.model.config.tie_word_embeddings:
-            expected.discard("lm_head.weight")  # tied to the embedding
+        """Load a dict or streamed buckets; every model weight must arrive exactly once in total. Copies into
+        the model's own tensors (what load_state_dict does, without rebuilding its name map every sync)."""
+        if self._targets is None:
+            self._targets = self.model.state_dict(keep_vars=True)  # name -> the parameter / buffer itself
+            if self.model.config.tie_word_embeddings:
+                self._targets.pop("lm_head.weight", None)  # tied to the embedding
         loaded, unexpected = set(), []
         for bucket in weight_buckets(weights, bucket_mb=float("inf")):
-            unexpected += [name for name in bucket if name not in expected]
-            self.model.load_state_dict({k: v for k, v in bucket.items() if k in expected}, strict=False)
+            for name, value in bucket.items():
+                target = self._targets.get(name)
+                if target is None:
+                    unexpected.append(name)
+                elif target.shape != value.shape:  # a mapping bug
+                    raise ValueError(f"weight sync: '{name}' arrived as {tuple(value.shape)}, "
+                                     f"the rollout model holds {tuple(target.shape)}")  # fmt: skip
+                else:
+                    target.copy_(value)
             loaded.update(bucket)
+        expected = set(self._targets)
         missing = sorted(expected - loaded)
         if missing or unexpected:  # a mapping bug
             raise KeyError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")

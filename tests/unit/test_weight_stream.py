@@ -79,6 +79,37 @@ def test_local_engine_loads_streamed_buckets(engine_and_cfg):
     assert local.weight_version == 5
 
 
+def test_streamed_buckets_follow_weight_changes(engine_and_cfg):
+    """The sync's shard plan is built once (engine._sync_shards): later syncs still send the current weights,
+    after in-place updates and after a parameter's storage is replaced."""
+    engine, cfg = engine_and_cfg
+    original = engine.global_state_dict()
+    _hf_streamed(engine, cfg, 0.05)  # builds the plan
+    try:
+        engine.load_global_state_dict({k: v + 0.25 for k, v in original.items()})  # in place
+        in_place = megatron_to_hf(engine.global_state_dict(), cfg.model)
+        assert all(torch.equal(t, in_place[n]) for b in _hf_streamed(engine, cfg, 0.05) for n, t in b.items())
+        param = next(p for p in engine.model[0].parameters() if p.dim() == 2)
+        param.data = param.data.clone() - 1.0  # new storage: views into the old one would be stale
+        moved = megatron_to_hf(engine.global_state_dict(), cfg.model)
+        assert not all(torch.equal(moved[n], in_place[n]) for n in moved)
+        assert all(torch.equal(t, moved[n]) for b in _hf_streamed(engine, cfg, 0.05) for n, t in b.items())
+    finally:
+        engine.load_global_state_dict(original)
+
+
+def test_local_engine_names_a_mismatched_weight(engine_and_cfg):
+    engine, cfg = engine_and_cfg
+    local = LocalEngine(cfg.model, eos_token_id=2, pad_token_id=0)
+    state = {n: t for b in _hf_streamed(engine, cfg, 0.05) for n, t in b.items()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(ValueError, match=f"'{name}' arrived as"):
+        local.update_weights(dict(state, **{name: state[name][:-1]}), version=1)
+    with pytest.raises(KeyError, match="unexpected.*model.layers.9.mlp.gate.weight"):
+        local.update_weights(dict(state, **{"model.layers.9.mlp.gate.weight": torch.zeros(1)}), version=1)
+    assert local.weight_version == -1
+
+
 def test_seeded_init_follows_megatron_init_rules(engine_and_cfg):
     """model.init=seeded draws each tensor with megatron's own init rule: per-tensor std and norms as in
     megatron-core's init of the same model (the megatron-init engine of the fixture), deterministic in the seed."""
