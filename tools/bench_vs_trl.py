@@ -47,7 +47,8 @@ wait for a descheduled peer, and either side's run can slow down 10x or more).
 
 Caveats: both generate with transformers' generate() on the same HF model class, so generation costs the
 same in principle; the difference is the training side (Megatron-Core's MoE layers, fused loss glue) and
-the per-step plumbing. TRL also computes per-token entropy on every training forward (it always does).
+the per-step plumbing (tools/bench_engine_vs_hf.py times the engine's update against the HF model's
+alone). TRL also computes per-token entropy on every training forward (it always does).
 Ours writes a checkpoint after the last step (megatron-core's writer forks: the tree's RSS briefly doubles,
 shared pages counted twice); that is outside both the timed window and the headline RSS window (start-up
 through the last step) and shown separately as "(all)"; TRL is told to save nothing. Sampling is seeded

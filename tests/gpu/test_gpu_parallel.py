@@ -35,7 +35,7 @@ def _launch(nproc: int, phase: str, out_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def ref_dir(tmp_path_factory):
     if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs >= 2 GPUs for TP2 over NCCL, found {torch.cuda.device_count()}")
+        pytest.skip(f"needs >= 2 GPUs for TP2 / CP2 over NCCL, found {torch.cuda.device_count()}")
     out = tmp_path_factory.mktemp("gpu_parallel")
     ref = _launch(1, "ref", out)
     # the reference is not vacuous: a loss, non-zero gradients, log-probs on every loss token
@@ -61,11 +61,12 @@ def test_tp2_sp_matches_single_gpu(ref_dir):
 
 def test_cp2_matches_single_gpu(ref_dir):
     """Context parallel over NCCL in bf16: Transformer Engine's CP attention where TE is installed, else
-    megatron's local attention with context_parallel.AllGatherKVAttention (exact on CPU: tests/dist). Routing
-    is free (no replay under CP), so a near-tie router decision may flip between layouts and move a few tokens'
-    log-probs: the mean is bounded tightly, the max loosely. bf16 (unit roundoff 2^-8 ~ 4e-3) on logits of O(1):
-    ~1e-2 per log-prob. Attention that misses the other rank's keys, or positions out of megatron's rope layout,
-    is off by O(0.1-1) on most tokens (the CPU negative control: > 1e-2 even with unscaled weights)."""
+    megatron's local attention with context_parallel.AllGatherKVAttention (exact on CPU: tests/dist). The
+    reference's routing is replayed on both sides, so bf16 rounding cannot flip a near-tie expert choice between
+    layouts. Uncalibrated bounds (this test has not run yet): bf16 (unit roundoff 2^-8 ~ 4e-3) on logits of O(1)
+    is ~1e-2 per log-prob, so the mean is bounded at 2e-2 and the loss and gradients loosely. Attention that
+    misses the other rank's keys, or positions out of megatron's rope layout, is off by O(0.1-1) on most tokens
+    (the CPU negative control: > 1e-2 even with unscaled weights)."""
     got = _launch(2, "cp2", ref_dir)
     assert got["same_keys"]
     assert got["lp_mean"] < 2e-2, got
