@@ -44,7 +44,7 @@ def build(args):
     local = LocalEngine(cfg.model, eos_token_id=2, pad_token_id=0)
     local.update_weights(megatron_to_hf(engine.global_state_dict(), cfg.model), version=0)  # every weight, checked
     hf = local.model.train()
-    o, a = cfg.optim, cfg.algo
+    o, spec = cfg.optim, engine.loss_spec  # the engine's own loss name, aggregation and hyperparameters
     adamw = torch.optim.AdamW(hf.parameters(), lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                               weight_decay=o.weight_decay)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
@@ -66,8 +66,8 @@ def build(args):
 
     def hf_train():
         logp, out = token_log_probs(tokens, output_router_logits=coef > 0)
-        loss, _ = compute_policy_loss(a.loss, logp, batch["old_log_probs"], batch["advantages"], batch["loss_mask"],
-                                      agg=a.agg, tau_pos=a.tau_pos, tau_neg=a.tau_neg)  # fmt: skip
+        loss, _ = compute_policy_loss(spec.name, logp, batch["old_log_probs"], batch["advantages"], batch["loss_mask"],
+                                      agg=spec.agg, **spec.hyper)  # fmt: skip
         (loss + coef * out.aux_loss if coef else loss).backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), o.clip_grad)
         adamw.step()

@@ -33,16 +33,15 @@ class LocalEngine:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.weight_version = -1
-        self._targets: dict[str, torch.Tensor] | None = None
+        # what a weight sync writes: name -> the parameter / buffer itself (lm_head is tied to the embedding)
+        self._targets = self.model.state_dict(keep_vars=True)
+        if self.model.config.tie_word_embeddings:
+            self._targets.pop("lm_head.weight", None)
 
     @torch.no_grad()
     def update_weights(self, weights: HFWeights, version: int) -> None:
         """Load a dict or streamed buckets; every model weight must arrive exactly once in total. Copies into
         the model's own tensors (what load_state_dict does, without rebuilding its name map every sync)."""
-        if self._targets is None:
-            self._targets = self.model.state_dict(keep_vars=True)  # name -> the parameter / buffer itself
-            if self.model.config.tie_word_embeddings:
-                self._targets.pop("lm_head.weight", None)  # tied to the embedding
         loaded, unexpected = set(), []
         for bucket in weight_buckets(weights, bucket_mb=float("inf")):
             for name, value in bucket.items():
@@ -55,8 +54,7 @@ class LocalEngine:
                 else:
                     target.copy_(value)
             loaded.update(bucket)
-        expected = set(self._targets)
-        missing = sorted(expected - loaded)
+        missing = sorted(self._targets.keys() - loaded)
         if missing or unexpected:  # a mapping bug
             raise KeyError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.weight_version = version
