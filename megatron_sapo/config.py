@@ -143,6 +143,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     weight_sync: Literal["disk", "tensor", "distributed"] = "disk"
+    # 1: the next step's rollout is generated (weights one step old) while this step trains (one-step
+    # off-policy, as slime's and verl's async modes); 0: rollout and training take turns
+    async_steps: int = 0
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
@@ -535,6 +538,7 @@ def _validate_batching(cfg: Config) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1 (steps ahead), got {r.async_steps}")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _require(t.logprob_micro_batch_size >= 0, "train.logprob_micro_batch_size", "must be >= 0 (0: micro_batch_size)")
     # megatron's interleaved schedule needs at least pp micro-batches, and packing makes the count vary

@@ -2,7 +2,8 @@
 
 Every rank runs this loop. Rank 0 owns the rollout engine, the rewards and the run folder; the rollout
 batch is broadcast so that all ranks hand the same full batch to the Megatron engine, which takes its
-data-parallel shard.
+data-parallel shard. With rollout.async_steps=1, rank 0 generates the next step's rollout in a thread
+(rollout/ahead.py) while this step trains: its samples are one weight version old when trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from megatron_sapo.data.collate import collate_samples, minibatches
 from megatron_sapo.diagnostics.progress import progress_bar
 from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
 from megatron_sapo.preemption import Preempted, StopSignals
+from megatron_sapo.rollout.ahead import RolloutAhead
 from megatron_sapo.rollout.base import Sample, SamplingParams
 from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune_checkpoints
 
@@ -98,6 +100,7 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg)
             self.prompts = build_prompt_source_from_config(cfg.data, self.tokenizer, cfg.train.seed)
             self.rollout = build_rollout_engine(cfg, self.tokenizer)
+            self.ahead = RolloutAhead()  # used with rollout.async_steps=1, or after resuming such a run
         self.engine = MegatronEngine(cfg)
         if cfg.model.hf_path:  # before the reference copy and the resume (which overrides it)
             self._load_hf_weights(cfg.model.hf_path)
@@ -152,12 +155,19 @@ class Trainer:
         if self.is_rank0 and "prompts" in extra:  # a converted, weights-only checkpoint has no data position
             self.prompts.load_state_dict(extra["prompts"])
             print(f"resumed from {path} (step {self.step})")
+        if self.is_rank0 and "rollout_ahead" in extra:  # generated before the save, for the next step
+            samples, metrics = extra["rollout_ahead"]
+            self.ahead.restore(([Sample(**s) for s in samples], metrics))
 
     def _save_checkpoint(self) -> None:
         path = os.path.join(self.cfg.run.dir, "checkpoints", f"step_{self.step}")
         extra = {"step": self.step, "weight_version": self.weight_version}
         if self.is_rank0:
+            self.ahead.wait()  # the rollout ahead drew prompts: saved with them, it is not generated again
             extra["prompts"] = self.prompts.state_dict()
+            if (ahead := self.ahead.peek()) is not None:
+                samples, metrics = ahead
+                extra["rollout_ahead"] = ([dataclasses.asdict(s) for s in samples], metrics)
         if self.is_rank0 and os.path.isdir(path):
             shutil.rmtree(path)  # an earlier, killed write of this step: never complete, never loaded
         self.engine.save_checkpoint(path, _broadcast(extra))
@@ -170,6 +180,8 @@ class Trainer:
 
     def sync_weights(self) -> float:
         """Trainer weights -> rollout engine (HF names); returns seconds."""
+        if self.is_rank0:
+            self.ahead.wait()  # a rollout ahead finishes on the weights it started with
         start = time.perf_counter()
         # streamed: rank 0 (the rollout's owner) receives one bucket of whole tensors at a time and hands it on
         # before the next is gathered; the other ranks send their shards and hold no copy
@@ -178,9 +190,22 @@ class Trainer:
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------------------------------------------
-    def rollout_step(self) -> tuple[list[Sample], dict]:
-        """Rank 0: prompts -> samples with rewards. With algo.dynamic_sampling, groups whose rewards are all
-        equal (zero advantage: no learning signal) are dropped and refilled from new prompts, for at most
+    def take_rollout(self) -> tuple[list[Sample], dict]:
+        """Rank 0: this step's samples, generated ahead during the last step or now. With
+        rollout.async_steps=1 the next step's rollout starts right away, on the weights the engine holds."""
+        start = time.perf_counter()
+        ready = self.ahead.take()
+        samples, metrics = ready if ready is not None else self.rollout_step(self.step, self.weight_version)
+        metrics["time_rollout_wait_s"] = time.perf_counter() - start
+        if self.cfg.rollout.async_steps and self.step + 1 < self.cfg.train.steps:
+            self.ahead.start(self.rollout_step, self.step + 1, self.weight_version)
+        metrics["rollout_staleness"] = self.weight_version - samples[0].weight_version  # versions behind
+        return samples, metrics
+
+    def rollout_step(self, step_index: int, weight_version: int) -> tuple[list[Sample], dict]:
+        """Rank 0: prompts -> samples with rewards, for the step after `step_index` completed ones, on the
+        engine's weights `weight_version`. With algo.dynamic_sampling, groups whose rewards are all equal
+        (zero advantage: no learning signal) are dropped and refilled from new prompts, for at most
         DYNAMIC_SAMPLING_ROUNDS rounds; if still short, dropped groups fill the batch (counted in metrics)."""
         r = self.cfg.rollout
         dynamic = self.cfg.algo.dynamic_sampling
@@ -188,7 +213,7 @@ class Trainer:
         metrics = {"time_rollout_s": 0.0, "time_reward_s": 0.0}
         rounds = 0
         while len(kept) < r.prompts_per_step and rounds < (DYNAMIC_SAMPLING_ROUNDS if dynamic else 1):
-            groups, round_metrics = self._generate_groups(rounds)
+            groups, round_metrics = self._generate_groups(step_index, weight_version, rounds)
             for key in ("time_rollout_s", "time_reward_s"):
                 metrics[key] += round_metrics.pop(key)
             metrics.update(round_metrics)
@@ -208,20 +233,20 @@ class Trainer:
                 samples.append(s)
         return samples, metrics
 
-    def _generate_groups(self, round_index: int) -> tuple[list[tuple], dict]:
+    def _generate_groups(self, step_index: int, weight_version: int, round_index: int) -> tuple[list[tuple], dict]:
         r = self.cfg.rollout
         prompts = self.prompts.sample(r.prompts_per_step)
         params = SamplingParams(
             n=r.n, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-            seed=self.cfg.train.seed * 1_000_003 + self.step * 101 + round_index,
+            seed=self.cfg.train.seed * 1_000_003 + step_index * 101 + round_index,
         )  # fmt: skip
         start = time.perf_counter()
-        fault_point("rollout", self.step + 1)
+        fault_point("rollout", step_index + 1)
         samples = self.rollout.generate([p.ids for p in prompts], params)
         rollout_s = time.perf_counter() - start
         for s in samples:
-            if s.weight_version != self.weight_version:
-                raise RuntimeError(f"rollout used weights v{s.weight_version}, trainer is at v{self.weight_version}")
+            if s.weight_version != weight_version:
+                raise RuntimeError(f"rollout used weights v{s.weight_version}, expected v{weight_version}")
         metrics = {"time_rollout_s": rollout_s, **self._score(prompts, samples)}
         groups = [(p, [s for s in samples if s.group == i]) for i, p in enumerate(prompts)]
         return groups, metrics
@@ -246,7 +271,7 @@ class Trainer:
         t_step = time.perf_counter()
         payload = None
         if self.is_rank0:
-            samples, metrics = self.rollout_step()
+            samples, metrics = self.take_rollout()
             rewards = [s.reward for s in samples]
             if any(math.isnan(x) for x in rewards):
                 payload = {"skip": "NaN reward", "metrics": metrics}
@@ -280,6 +305,8 @@ class Trainer:
 
         if any(m.get("update_ok", 1.0) for m in per_minibatch):  # the weights moved: the rollout must follow
             self.weight_version += 1
+            if self.is_rank0:  # the rollout ahead (if any) must finish before the engine's weights change
+                metrics["time_rollout_wait_s"] += self.ahead.wait()
             metrics["time_sync_s"] = self.sync_weights()
             if self.is_rank0:  # SGLang's post-sync check: served vs trainer log-probs on a few sequences
                 metrics.update(getattr(self.rollout, "last_check", {}))
@@ -458,6 +485,7 @@ def train(cfg: Config) -> list[dict]:
     finally:
         trainer.engine.shutdown()
         if trainer.is_rank0:
+            trainer.ahead.close()  # before the engine it may still be generating on
             trainer.rollout.shutdown()
     if trainer.stopped_by:
         raise Preempted(trainer.stopped_by, trainer.step)

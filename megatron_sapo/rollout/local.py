@@ -25,6 +25,21 @@ def build_hf_model(m: ModelConfig, eos_token_id: int | None = None) -> torch.nn.
     return model.eval()
 
 
+class ExponentialRaceSampler:
+    """A logits processor after which the argmax is a sample of softmax(scores), drawn from `generator`.
+
+    argmax_i(s_i - log E_i) with E_i ~ Exp(1) independent is token i with probability softmax(s)_i (the
+    Gumbel-max trick, written with exponentials: -log E_i is a standard Gumbel). Masked tokens (-inf) stay
+    out."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        race = torch.empty_like(scores, dtype=torch.float32).exponential_(generator=self.generator)
+        return scores.float() - race.log()
+
+
 class LocalEngine:
     def __init__(self, model_cfg: ModelConfig, eos_token_id: int, pad_token_id: int):
         self.model = build_hf_model(model_cfg, eos_token_id)
@@ -75,13 +90,10 @@ class LocalEngine:
         for i, p in enumerate(expanded):
             input_ids[i, width - len(p) :] = torch.tensor(p)
             attention[i, width - len(p) :] = 1
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(params.seed)  # reproducible rollouts for a given step seed
-        try:
-            with device_args_suspended():  # HF generate needs no CPU rewrite of megatron's "cuda" literals
-                out = self._generate(input_ids, attention, params)
-        finally:
-            torch.set_rng_state(generator_state)
+        # a private generator: the global RNG stays the trainer's, also while a rollout runs ahead in a thread
+        generator = torch.Generator().manual_seed(params.seed)  # reproducible rollouts for a given step seed
+        with device_args_suspended():  # HF generate needs no CPU rewrite of megatron's "cuda" literals
+            out = self._generate(input_ids, attention, params, generator)
         new_tokens = out.sequences[:, width:]
         # log pi_rollout: the sampling distribution softmax(logits / temperature) at the chosen token
         # (greedy, temperature 0: the model's own distribution, temperature 1)
@@ -89,15 +101,25 @@ class LocalEngine:
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [self._sample(i, expanded[i], new_tokens[i], log_probs[i], params) for i in range(len(expanded))]
 
-    def _generate(self, input_ids, attention, params: SamplingParams):
+    def _generate(self, input_ids, attention, params: SamplingParams, generator: torch.Generator):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        # generate()'s own sampling draws from the global RNG (torch.multinomial): here the warpers and
+        # ExponentialRaceSampler pick the token, and generate() only takes the argmax of what they return
+        warpers = []
+        if params.temperature > 0:  # temperature 0: greedy
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+            warpers.append(ExponentialRaceSampler(generator))
         return self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            **(
-                dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-                if params.temperature > 0
-                else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            ),
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            logits_processor=LogitsProcessorList(warpers),
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,

@@ -16,11 +16,11 @@ STEPS = 5
 COMPARED = ("reward_mean", "loss", "grad_norm", "ratio_mean", "ratio_std", "response_len_mean", "kl_rollout_k3")
 
 
-def _cmd(run_dir):
+def _cmd(run_dir, extra=()):
     return [
         sys.executable, "-m", "megatron_sapo.cli", "train", os.path.join(ROOT, "examples", "tiny_moe_cpu.yaml"),
         f"train.steps={STEPS}", "checkpoint.every=1", "checkpoint.keep=2", "rollout.max_new_tokens=6",
-        f"run.dir={run_dir}", "logging.plots=false",
+        f"run.dir={run_dir}", "logging.plots=false", *extra,
     ]  # fmt: skip
 
 
@@ -29,7 +29,7 @@ class _Result:
         self.returncode, self.stdout = returncode, stdout
 
 
-def _run(run_dir, kill_at=None, kill_after_s=None):
+def _run(run_dir, kill_at=None, kill_after_s=None, extra=()):
     """Run training in its own process group. Like a job scheduler, once the trainer is dead the whole group is
     killed: megatron's checkpoint writer leaves a multiprocessing manager process that outlives a SIGKILLed
     parent."""
@@ -39,7 +39,7 @@ def _run(run_dir, kill_at=None, kill_after_s=None):
         env["MEGATRON_SAPO_KILL_AT"] = kill_at
     log = os.path.join(os.path.dirname(run_dir), "train.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen(_cmd(run_dir), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        proc = subprocess.Popen(_cmd(run_dir, extra), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                 start_new_session=True)  # fmt: skip
         try:
             if kill_after_s is not None:
@@ -88,3 +88,29 @@ def test_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_path):
     for want, have in zip(expected, got):
         for key in COMPARED:
             assert have[key] == want[key], (want["step"], key, have[key], want[key], f"random kill at {delay:.1f} s")
+
+
+@pytest.mark.slow
+def test_killed_async_run_resumes_with_its_rollout_ahead(tmp_path):
+    """rollout.async_steps=1: step k+1's rollout is generated (and its prompts drawn) during step k and saved
+    with step k's checkpoint. Killed in that rollout (inside the thread) or mid-update, the run resumes to the
+    uninterrupted trajectory: nothing is generated twice and the samples stay one weight version old."""
+    extra = ("rollout.async_steps=1",)
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert _run(straight, extra=extra).returncode == 0
+    expected = _metrics(straight)
+    assert [m["rollout_staleness"] for m in expected] == [0] + [1] * (STEPS - 1)
+    # rollout@4 is step 4's rollout, generated ahead while step 3 trains: the next attempt resumes after step 2
+    for kill_at, resumes_after in (("rollout@4", None), ("update@4", 2)):
+        proc = _run(killed, kill_at, extra=extra)
+        assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:]
+        if resumes_after is not None:
+            assert f"step_{resumes_after} (step {resumes_after})" in proc.stdout
+    final = _run(killed, extra=extra)
+    assert final.returncode == 0, final.stdout[-2000:]
+    assert "step_3 (step 3)" in final.stdout  # its checkpoint holds step 4's rollout, generated before the kill
+    got = _metrics(killed)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for want, have in zip(expected, got):
+        for key in (*COMPARED, "rollout_staleness"):
+            assert have[key] == want[key], (want["step"], key, have[key], want[key])

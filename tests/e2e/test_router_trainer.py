@@ -73,8 +73,8 @@ def rollout_routing(monkeypatch):
     g = torch.Generator().manual_seed(5)
     original_rollout, original_log_probs = Trainer.rollout_step, MegatronEngine.compute_log_probs
 
-    def rollout_with_routing(self):
-        samples, metrics = original_rollout(self)
+    def rollout_with_routing(self, *args):
+        samples, metrics = original_rollout(self, *args)
         for s in samples:
             tokens = len(s.prompt_ids) + len(s.response_ids) - 1  # every input token
             s.routed_experts = torch.rand(tokens, 2, 4, generator=g).topk(2, -1).indices.int()

@@ -59,3 +59,17 @@ def test_trl_accepts_the_mapping(bench, tmp_path):
     config = trl.GRPOConfig(**bench.trl_config_kwargs(cfg, 2, str(tmp_path / "trl")))
     assert config.generation_batch_size == 32 and config.steps_per_generation == 4
     assert config.gradient_checkpointing is False and config.bf16 is False
+
+
+def test_async_bench_overrides_are_valid_config(tmp_path):
+    """tools/bench_async_rollout.py: both modes' overrides load through the config validator (a renamed key
+    fails here, not after minutes of benchmarking) and differ only in rollout.async_steps."""
+    spec = importlib.util.spec_from_file_location("bench_async", os.path.join(REPO, "tools", "bench_async_rollout.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = type("Args", (), {"steps": 4, "engine": "sglang", "sglang_python": "/bin/sh", "port": 31700})()
+    cfgs = {mode: load_config(bench.CONFIG, bench.overrides(args, str(tmp_path), mode)) for mode in bench.MODES}
+    assert (cfgs["sync"].rollout.async_steps, cfgs["async"].rollout.async_steps) == (0, 1)
+    assert cfgs["async"].rollout.engine == "sglang" and cfgs["async"].rollout.sglang.cpu_threads == 1
+    cfgs["sync"].rollout.async_steps = 1
+    assert cfgs["sync"] == cfgs["async"]

@@ -106,6 +106,7 @@ BAD = [
     (["rollout.max_new_tokens=0"], "rollout.max_new_tokens", "must be >= 1"),
     (["rollout.temperature=0"], "rollout.temperature", "must be > 0"),
     (["rollout.top_p=1.5"], "rollout.top_p", "must be in (0, 1]"),
+    (["rollout.async_steps=2"], "rollout.async_steps", "must be 0 or 1"),
     (["train.micro_batch_size=0"], "train.micro_batch_size", "must be >= 1"),
     (
         ["rollout.n=3", "rollout.prompts_per_step=3"],

@@ -1,5 +1,6 @@
-"""The local engine's vmap-free attention mask (rollout/hf_mask.py): the same mask as transformers' sdpa
-builder, hence the same sampled tokens and log-probs."""
+"""The local engine: its vmap-free attention mask (rollout/hf_mask.py) is the same mask as transformers' sdpa
+builder, hence the same sampled tokens and log-probs; its sampling draws from softmax(logits / T) with a
+private generator, leaving the global RNG alone."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from transformers import masking_utils as mu
 from megatron_sapo.config import load_config
 from megatron_sapo.rollout import hf_mask
 from megatron_sapo.rollout.base import SamplingParams
-from megatron_sapo.rollout.local import LocalEngine
+from megatron_sapo.rollout.local import ExponentialRaceSampler, LocalEngine
 
 
 def _left_padded(lengths, width):
@@ -51,3 +52,31 @@ def test_generate_is_unchanged_by_the_mask():
     got, want = fast.generate(prompts, params), plain.generate(prompts, params)
     assert [s.response_ids for s in got] == [s.response_ids for s in want]
     assert [s.rollout_log_probs for s in got] == [s.rollout_log_probs for s in want]
+
+
+def test_exponential_race_samples_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    draws = 40_000
+    sampler = ExponentialRaceSampler(torch.Generator().manual_seed(0))
+    picks = torch.stack([sampler(None, logits).argmax(-1) for _ in range(draws)]).flatten()
+    freq = torch.bincount(picks, minlength=5).double() / draws
+    want = torch.softmax(logits.double(), -1).flatten()
+    assert freq[4] == 0  # a masked token is never drawn
+    # 4 binomial standard errors: a wrong distribution (e.g. softmax(2 * logits), or argmax) is far outside
+    assert torch.all((freq - want).abs() <= 4 * (want * (1 - want) / draws).sqrt() + 1e-12), (freq, want)
+
+
+def test_generate_leaves_the_global_rng_alone_and_repeats_by_seed():
+    cfg = load_config(None, ["model.vocab_size=64"])
+    torch.manual_seed(0)
+    engine = LocalEngine(cfg.model, eos_token_id=2, pad_token_id=0)
+    params = SamplingParams(n=4, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7)
+    prompts = [[1, 5, 6], [1, 9]]
+    state = torch.get_rng_state()
+    first = engine.generate(prompts, params)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another global state: the same samples
+    again = engine.generate(prompts, params)
+    assert [s.response_ids for s in again] == [s.response_ids for s in first]
+    other = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=8))
+    assert [s.response_ids for s in other] != [s.response_ids for s in first]
