@@ -60,3 +60,19 @@ def test_bad_override_exits_with_one_clear_line():
     assert len(lines) == 1 and "'parallel.tp'" in lines[0] and "divisible by tp=3" in lines[0]
     proc = _train("algo.tau_nge=1.1", expect_rc=2)
     assert "did you mean 'algo.tau_neg'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_async_rollouts_at_two_ranks(tmp_path):
+    """rollout.async_steps=1 at dp=2 (rank 0's rollout thread beside both ranks' collectives): from step 2 on
+    the samples come from the weights one version back, which shows as train/rollout mismatch far above float
+    noise, while mini-batch 0 stays on-policy against the trainer's own old log-probs."""
+    run = str(tmp_path / "run")
+    _train("parallel.dp=2", "train.micro_batch_size=4", "rollout.async_steps=1", "train.steps=3",
+           "rollout.max_new_tokens=6", f"run.dir={run}", "logging.plots=false")  # fmt: skip
+    rows = _metrics(run)
+    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+    assert [r["rollout_staleness"] for r in rows] == [0, 1, 1]
+    assert rows[0]["mismatch_abs_mean"] < 1e-4  # generated on the trainer's current weights
+    assert all(r["mismatch_abs_mean"] > 1e-3 for r in rows[1:])  # one optimizer step (4 updates) behind
+    assert all(r["minibatch0/ratio_std"] < 1e-3 for r in rows)

@@ -75,8 +75,9 @@ def test_generate_leaves_the_global_rng_alone_and_repeats_by_seed():
     state = torch.get_rng_state()
     first = engine.generate(prompts, params)
     assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(123)  # another global state: the same samples
-    again = engine.generate(prompts, params)
+    with torch.random.fork_rng(devices=[]):  # another global state (restored after): the same samples
+        torch.manual_seed(123)
+        again = engine.generate(prompts, params)
     assert [s.response_ids for s in again] == [s.response_ids for s in first]
     other = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=8))
     assert [s.response_ids for s in other] != [s.response_ids for s in first]

@@ -58,6 +58,7 @@ def test_cuda_streams():
 def test_cuda_rng_tracker_forks_cpu_generator():
     from megatron.core.tensor_parallel import random as mrandom
 
+    torch.manual_seed(7)  # the global stream: not the tracker's seed (an earlier test may have left it at 123)
     tracker = mrandom.CudaRNGStatesTracker()
     tracker.add("a", 123)
     with tracker.fork("a"):

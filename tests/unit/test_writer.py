@@ -50,6 +50,7 @@ def test_wandb_offline_logs_every_step_and_a_resume_continues_the_same_run(tmp_p
         run_id = f.read().strip()
     (run_file,) = glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
     history = _wandb_history(run_file)
+    assert {1, 2} <= set(history), f"history steps {sorted(history)} in {run_file} ({os.path.getsize(run_file)} B)"
     assert history[1]["loss"] == 0.5 and history[1]["reward_mean"] == 0.1
     assert history[2]["loss"] == 0.25 and "reward_mean" not in history[2]  # NaN is not logged
     assert [r["step"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))] == [1, 2]
