@@ -204,7 +204,7 @@ def test_wandb_gets_the_metrics_rows(tmp_path, monkeypatch):
     with open(os.path.join(cfg.run.dir, WANDB_ID_FILE), encoding="utf-8") as f:
         run_id = f.read().strip()
     (run_file,) = glob.glob(os.path.join(cfg.run.dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
-    logged = _wandb_history(run_file)
+    logged = _wandb_history(run_file, {int(m["step"]) for m in history})
     for m in history:
         for key in ("loss", "reward_mean", "grad_norm"):
             assert logged[int(m["step"])][key] == pytest.approx(m[key], rel=1e-12), key

@@ -15,7 +15,7 @@ from megatron_sapo.config import ConfigError, load_config
 from megatron_sapo.diagnostics.writer import WANDB_ID_FILE, MetricsWriter, read_metrics
 
 
-def _wandb_history(run_file: str) -> dict[int, dict]:
+def _read_wandb_history(run_file: str) -> dict[int, dict]:
     """{step: {key: value}} from an offline .wandb file, read with W&B's own protobuf Record: the file is a
     7-byte header, then LevelDB-log records (crc32, uint16 length, type; 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2
@@ -39,15 +39,16 @@ def _wandb_history(run_file: str) -> dict[int, dict]:
     return rows
 
 
-def _wandb_history_of_steps(run_file: str, steps: set[int], timeout_s: float = 30.0) -> dict[int, dict]:
-    """_wandb_history once it holds `steps`: W&B's service process writes the file, and finish() can return
-    before its last buffered block is on disk (a read then finds no or a truncated record)."""
+def _wandb_history(run_file: str, steps: set[int], timeout_s: float = 30.0) -> dict[int, dict]:
+    """The file's history once it holds `steps` (or after timeout_s): W&B's service process writes the file,
+    and finish() can return before its last buffered block is on disk (a read then finds no or a truncated
+    record)."""
     from google.protobuf.message import DecodeError
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            history = _wandb_history(run_file)
+            history = _read_wandb_history(run_file)
         except DecodeError:
             history = {}
         if steps <= set(history) or time.monotonic() > deadline:
@@ -66,7 +67,7 @@ def test_wandb_offline_logs_every_step_and_a_resume_continues_the_same_run(tmp_p
     with open(os.path.join(run_dir, WANDB_ID_FILE), encoding="utf-8") as f:
         run_id = f.read().strip()
     (run_file,) = glob.glob(os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
-    history = _wandb_history_of_steps(run_file, {1, 2})
+    history = _wandb_history(run_file, {1, 2})
     assert {1, 2} <= set(history), f"history steps {sorted(history)} in {run_file} ({os.path.getsize(run_file)} B)"
     assert history[1]["loss"] == 0.5 and history[1]["reward_mean"] == 0.1
     assert history[2]["loss"] == 0.25 and "reward_mean" not in history[2]  # NaN is not logged
