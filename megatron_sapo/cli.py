@@ -1,6 +1,6 @@
 """`megatron-sapo`: the command line (train, eval, plan, diagnose, convert).
 
-    megatron-sapo train examples/tiny_moe_cpu.yaml algo.tau_neg=1.1 parallel.tp=2
+    megatron-sapo train examples/tiny_moe_cpu.yaml algo.tau_neg=1.1 parallel.tp=2 parallel.etp=2 parallel.sp=true
 
 Run plainly, `train` starts as many local processes as the layout needs (gloo on CPU, NCCL on GPU);
 under torchrun or srun it joins the world it finds. Bad input exits non-zero with one line naming it.
@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from megatron_sapo.config import Config, ConfigError, load_config
+from megatron_sapo.config import Config, ConfigError, InputError, load_config
 
 
 def _launched_by_a_launcher() -> bool:
@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args, argv)
-    except ConfigError as e:
-        print(f"megatron-sapo: error: {e}", file=sys.stderr)
+    except InputError as e:  # a config key, data file or path the user can fix: one line, no traceback
+        print(f"megatron-sapo {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

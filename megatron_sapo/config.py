@@ -1,6 +1,7 @@
 """The configuration: one tree of typed dataclasses, filled from YAML plus dotted overrides, validated.
 
-    cfg = load_config("examples/tiny_moe_cpu.yaml", ["algo.tau_neg=1.1", "parallel.tp=2"])
+    overrides = ["algo.tau_neg=1.1", "parallel.tp=2", "parallel.etp=2", "parallel.sp=true"]
+    cfg = load_config("examples/tiny_moe_cpu.yaml", overrides)
 
 Every error names the key (and the YAML file and line when the value came from a file) and the rule.
 Validation is integer arithmetic on the config alone, so it runs before any process is started.
@@ -20,7 +21,12 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Input the user can fix (a config key, a data file, a checkpoint or model path); the message names it.
+    The command line prints it as one line and exits 2, without a traceback (cli.main)."""
+
+
+class ConfigError(InputError):
     """A configuration problem; the message names the key and the rule it broke."""
 
 
@@ -92,8 +98,10 @@ class AlgoConfig:
     loss: str = "sapo"  # sapo | grpo | gspo | gspo_token
     tau_pos: float = 1.0
     tau_neg: float = 1.05
-    eps_low: float = 0.2
-    eps_high: float = 0.27
+    # Clip bounds of grpo / gspo / gspo_token; None = that loss's own default (algo.losses.loss_defaults:
+    # grpo 0.2 / 0.27, gspo and gspo_token 3e-4 / 4e-4, SAPO.md), filled in by load_config.
+    eps_low: float | None = None
+    eps_high: float | None = None
     agg: str = "seq-mean-token-mean"
     advantage: str = "grpo"  # grpo | drgrpo | rloo
     adv_eps: float = 1e-6
@@ -377,7 +385,18 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     data = apply_overrides(data, list(overrides), lines)
     cfg = from_dict(data, lines)
     validate(cfg)
+    _fill_loss_defaults(cfg.algo)
     return cfg
+
+
+def _fill_loss_defaults(a: AlgoConfig) -> None:
+    """Unset clip bounds become the chosen loss's defaults, so config.yaml shows what the run used (a single
+    eps of 0.2 would make GSPO's sequence ratio clip ~500x too loosely). Losses without them keep None."""
+    from megatron_sapo.algo import loss_defaults
+
+    for key, value in loss_defaults(a.loss).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -505,8 +524,8 @@ def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
         _require(value in registry, key, f"{value!r} is not one of {registry.names()}")
     _require(a.tau_pos > 0, "algo.tau_pos", f"must be > 0, got {a.tau_pos}")
     _require(a.tau_neg > 0, "algo.tau_neg", f"must be > 0, got {a.tau_neg}")
-    _require(0 <= a.eps_low < 1, "algo.eps_low", f"must be in [0, 1), got {a.eps_low}")
-    _require(a.eps_high >= 0, "algo.eps_high", f"must be >= 0, got {a.eps_high}")
+    _require(a.eps_low is None or 0 <= a.eps_low < 1, "algo.eps_low", f"must be in [0, 1), got {a.eps_low}")
+    _require(a.eps_high is None or a.eps_high >= 0, "algo.eps_high", f"must be >= 0, got {a.eps_high}")
     _require(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
     _require(a.entropy_coef >= 0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
     _require(a.minibatches >= 1, "algo.minibatches", f"must be >= 1, got {a.minibatches}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from megatron_sapo.config import ConfigError
+
 MARKER = "COMPLETE"
 
 
@@ -54,7 +56,10 @@ def find_resume_checkpoint(cfg) -> str | None:
         return None
     if mode != "auto":
         if not is_complete(mode):
-            raise FileNotFoundError(f"checkpoint.resume={mode!r}: not a complete checkpoint (no {MARKER} marker)")
+            raise ConfigError(
+                f"checkpoint.resume={mode!r}: not a complete checkpoint (no {MARKER} marker); "
+                "give 'auto', 'none' or the path of a complete checkpoint"
+            )
         return mode
     found = complete_checkpoints(cfg.run.dir)
     return found[-1] if found else None

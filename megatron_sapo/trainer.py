@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.algo import compute_advantages
-from megatron_sapo.config import Config, save_config
+from megatron_sapo.config import Config, ConfigError, save_config
 from megatron_sapo.data.collate import collate_samples, minibatches
 from megatron_sapo.diagnostics.progress import progress_bar
 from megatron_sapo.diagnostics.writer import MetricsWriter, console_line
@@ -30,6 +30,10 @@ from megatron_sapo.run_state import find_resume_checkpoint, mark_complete, prune
 
 DYNAMIC_SAMPLING_ROUNDS = 4
 REFERENCE_DIR = "reference_weights"  # in the run folder: the KL reference's weights
+# CONTRACT.md: every metrics.jsonl row has at least these (plus gate_mean for SAPO, clip_frac otherwise); a
+# skipped step that never computed one logs it as NaN (null in the file), so dashboards keep their columns.
+ROW_KEYS = ("loss", "grad_norm", "reward_mean", "response_len_mean", "ratio_mean", "ratio_std", "kl_rollout_k3",
+            "tokens_per_s", "time_rollout_s", "time_train_s", "time_sync_s")  # fmt: skip
 
 
 def fault_point(phase: str, step: int) -> None:
@@ -58,7 +62,7 @@ def load_tokenizer(cfg: Config):
 
     path = cfg.data.tokenizer or cfg.model.hf_path
     if path and not cfg.data.tokenizer and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
-        raise FileNotFoundError(f"model.hf_path={path!r} holds no tokenizer_config.json: set data.tokenizer")
+        raise ConfigError(f"model.hf_path={path!r} holds no tokenizer_config.json: set data.tokenizer")
     if path is None:
         from megatron_sapo.data.tokenizer import build_tiny_tokenizer
 
@@ -98,6 +102,7 @@ class Trainer:
             with open(resolved, encoding="utf-8") as f:
                 print(f"resolved config (saved as {resolved}):\n{f.read()}", flush=True)
             self.tokenizer = load_tokenizer(cfg)
+            find_resume_checkpoint(cfg)  # an explicit checkpoint.resume path must be complete: fail fast
             self.prompts = build_prompt_source_from_config(cfg.data, self.tokenizer, cfg.train.seed)
             self.rollout = build_rollout_engine(cfg, self.tokenizer)
             self.ahead = RolloutAhead()  # used with rollout.async_steps=1, or after resuming such a run
@@ -393,7 +398,9 @@ class Trainer:
                 f"{self.skipped_in_a_row} consecutive steps skipped ({why}); stopping "
                 f"(train.max_skipped_steps={self.cfg.train.max_skipped_steps})"
             )
-        return {**metrics, "step": self.step, "skipped": 1.0, "weight_version": self.weight_version}
+        gate_key = "gate_mean" if self.cfg.algo.loss == "sapo" else "clip_frac"
+        unset = dict.fromkeys((*ROW_KEYS, gate_key), math.nan)
+        return {**unset, **metrics, "step": self.step, "skipped": 1.0, "weight_version": self.weight_version}
 
     def fit(self) -> list[dict]:
         """Train to train.steps. On SIGTERM / SIGUSR1 (checkpoint.save_on_signal) it stops at the next step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
@@ -30,3 +32,13 @@ def bench_clock() -> float:
         torch.cuda.synchronize()
         return time.perf_counter()
     return time.process_time()
+
+
+def machine_label() -> str:
+    """What absolute times were measured on: the GPU, or the CPU cores this process may use; and torch."""
+    if torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name()} GPU"
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        where = f"{cores}-core {platform.machine()} CPU, no GPU"
+    return f"{where}; torch {torch.__version__}"

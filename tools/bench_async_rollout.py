@@ -23,6 +23,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_common import machine_label  # noqa: E402
 from bench_vs_trl import CONFIG, OFFLINE_ENV, print_runs, run_side  # noqa: E402 (tools/ is this script's folder)
 
 MODES = {"sync": "rollout.async_steps=0", "async": "rollout.async_steps=1"}
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args, runs: dict) -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"\nmachine: {cores}-core CPU, no GPU; load average (1 min) {os.getloadavg()[0]:.1f}; engine {args.engine}")
+    print(f"\nmachine: {machine_label()}; load average (1 min) {os.getloadavg()[0]:.1f}; engine {args.engine}")
     print(f"recipe: examples/tiny_moe_cpu.yaml, {args.steps} steps per run; means over steps 2..{args.steps}")
     columns = [  # (title, width, value)
         ("steps/s", 9, lambda r: f"{r['steps_per_s']:.3f}"),

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _bench_common import bench_clock, bench_moe_config  # noqa: E402 (tools/ is this script's folder)
+from _bench_common import bench_clock, bench_moe_config, machine_label  # noqa: E402 (tools/ is this script's folder)
 
 warnings.filterwarnings("ignore")
 
@@ -73,6 +73,8 @@ def main() -> None:
             else:
                 padded_loss = metrics["loss"]
     tokens = int(batch["loss_mask"].sum())
+    clock = "wall" if torch.cuda.is_available() else "CPU (1 thread)"
+    print(f"machine: {machine_label()}; {clock} seconds")
     print(f"{args.seqs} sequences, {tokens} loss tokens, padded length {length}; micro-batches of {args.mbs} rows")
     print(f"rows run: padded {rows[False]}, packed {rows[True]}; losses {padded_loss:.6f} / {packed_loss:.6f}")
     for pack in (False, True):

@@ -29,7 +29,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from _bench_common import bench_clock, bench_moe_config  # noqa: E402 (tools/ is this script's folder)
+from _bench_common import bench_clock, bench_moe_config, machine_label  # noqa: E402 (tools/ is this script's folder)
 
 warnings.filterwarnings("ignore")
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     t_plain, t_diag, t_extra = (statistics.median(x) for x in (plain, diag, extra))
     ratio = ((args.every - 1) * t_plain + t_diag) / (args.every * t_plain)
     clock = "wall" if torch.cuda.is_available() else "CPU (1 thread)"
+    print(f"machine: {machine_label()}")
     print(f"{args.seqs} sequences x {args.seq} tokens, {args.minibatches} mini-batches, diagnostics on "
           f"{min(args.seqs, args.max_sequences)} sequences; {clock} seconds, median of {args.repeats}")  # fmt: skip
     print(f"  step without diagnostics   {t_plain:.3f} s")

@@ -23,7 +23,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from _bench_common import bench_clock, bench_moe_config  # noqa: E402 (tools/ is this script's folder)
+from _bench_common import bench_clock, bench_moe_config, machine_label  # noqa: E402 (tools/ is this script's folder)
 
 warnings.filterwarnings("ignore")
 
@@ -203,8 +202,7 @@ def main() -> None:
         print(json.dumps(memory_child(args.memory_child, args.mem_tokens, args.mem_vocab, args.hidden)))
         return
 
-    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor() or ''}"
-    machine += f", {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = machine_label()
     memory = bench_memory(args)
     step = bench_step(args)
     print(f"machine: {machine}")

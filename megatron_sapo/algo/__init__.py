@@ -11,7 +11,7 @@ import torch
 from .advantages import ADVANTAGES
 from .aggregation import AGGREGATIONS, aggregate, count_sequences, masked_mean
 from .kl import KL_ESTIMATORS, kl_penalty
-from .losses import LOSS_HYPERS, POLICY_LOSSES, sapo_gate, sequence_log_ratio
+from .losses import LOSS_HYPERS, POLICY_LOSSES, loss_defaults, sapo_gate, sequence_log_ratio
 from .mismatch import mismatch_metrics, truncated_is_weights
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "compute_policy_loss",
     "count_sequences",
     "kl_penalty",
+    "loss_defaults",
     "masked_mean",
     "mismatch_metrics",
     "sapo_gate",

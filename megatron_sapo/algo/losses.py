@@ -7,6 +7,8 @@ Each loss takes the clamped log-ratio l = log pi_theta - log pi_old [B, T], adva
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .aggregation import masked_mean
@@ -21,6 +23,13 @@ LOSS_HYPERS = {
     "gspo": ("eps_low", "eps_high"),
     "gspo_token": ("eps_low", "eps_high"),
 }
+
+
+def loss_defaults(name: str) -> dict[str, float]:
+    """The hyperparameter defaults of loss `name` (its function's keyword defaults, the one place they are
+    written): what a config that leaves them unset runs with."""
+    params = inspect.signature(POLICY_LOSSES.get(name)).parameters
+    return {key: params[key].default for key in LOSS_HYPERS[name]}
 
 
 def sapo_gate(ratio: torch.Tensor, tau: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

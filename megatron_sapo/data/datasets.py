@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 
+from megatron_sapo.config import InputError
 from megatron_sapo.rewards import REWARDS, missing_fields
 
 WHERE_KEY = "_line"  # "file, line N" / "file, row N", kept on each row for later messages
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A problem with a prompt dataset; the message names the file, line or row, and field."""
 
 
@@ -112,7 +113,10 @@ def read_rows(path: str) -> list[dict]:
     elif lower.endswith((".parquet", ".pq")):
         rows = _read_parquet(path)
     else:
-        raise DataError(f"{path}: unknown dataset format; use .jsonl (one JSON object per line) or .parquet")
+        raise DataError(
+            f"{path}: unknown dataset format; use .jsonl / .ndjson / .json (one JSON object per line), "
+            f".parquet / .pq, a datasets save_to_disk folder, or {HF_PREFIX}NAME[:CONFIG][@SPLIT]"
+        )
     if not rows:
         raise DataError(f"{path}: the dataset is empty (no rows)")
     return rows
@@ -136,7 +140,8 @@ def validate_rows(rows: list[dict], prompt_key: str = "prompt", default_task: st
     for row in rows:
         where = row.get(WHERE_KEY, "a prompt row")
         if prompt_key not in row:
-            raise DataError(f"{where}: missing field '{prompt_key}' (the prompt; data.prompt_key)")
+            fields = ", ".join(k for k in row if k != WHERE_KEY)
+            raise DataError(f"{where}: missing field '{prompt_key}' (the prompt; data.prompt_key); it has: {fields}")
         _check_prompt(row[prompt_key], where, prompt_key)
         task = row.get("task", default_task)
         if task is None:

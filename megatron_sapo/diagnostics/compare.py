@@ -28,6 +28,14 @@ def load_runs(run_dirs: list[str], labels: list[str] | None = None) -> dict[str,
     return runs
 
 
+def check_keys(runs: dict[str, list[dict]], keys) -> None:
+    """ValueError naming the keys no run has, with the keys the runs do have (a typo is not dropped silently)."""
+    present = {k for rows in runs.values() for row in rows for k in row}
+    missing = [k for k in keys if k not in present]
+    if missing:
+        raise ValueError(f"--keys {','.join(missing)}: in none of the runs; they have: {', '.join(sorted(present))}")
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 

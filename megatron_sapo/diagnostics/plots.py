@@ -51,7 +51,8 @@ def line_figure(series: dict[str, list[tuple[int, float]]], title: str, path: st
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """Write plots/<figure>.png for every figure with data; returns the paths written."""
+    """Write plots/<figure>.png for every figure with data, and the router figures (router_plots) when the run
+    logged router diagnostics; returns the paths written."""
     rows = run_rows(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
@@ -60,4 +61,6 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         series = {k: v for k in keys if (v := series_of(rows, k))}
         if series:
             written.append(line_figure(series, name.replace("_", " "), os.path.join(out_dir, f"{name}.png")))
-    return written
+    from megatron_sapo.diagnostics.router_plots import plot as plot_router  # noqa: PLC0415 (matplotlib)
+
+    return written + plot_router(run_dir, out_dir)  # none without router diagnostics

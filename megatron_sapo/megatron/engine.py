@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.config import Config
+from megatron_sapo.config import Config, ConfigError
 from megatron_sapo.megatron import checkpoint, context_parallel, loss_glue, model, optimizer, packing, routing, weights
 from megatron_sapo.megatron.logprobs import attach_log_prob_head
 from megatron_sapo.megatron.parallel import ParallelState, init_parallel
@@ -31,7 +31,7 @@ class MegatronEngine:
         packed = {}
         if cfg.train.pack_sequences:  # checked before any process group exists
             if model.have_transformer_engine():
-                raise ValueError(
+                raise ConfigError(
                     "train.pack_sequences: packing uses megatron's local attention with an explicit mask; "
                     "Transformer Engine attention ignores it (its THD format is not built yet): set it to false"
                 )
@@ -50,19 +50,7 @@ class MegatronEngine:
         self._sync_units: tuple[tuple, dict] | None = None  # (storage key, weights.shards_by_unit(...))
         steps = total_steps if total_steps is not None else cfg.train.steps * cfg.algo.minibatches
         self.scheduler = optimizer.build_scheduler(cfg.optim, self.optimizer, steps)
-        a = cfg.algo
-        hyper = {"sapo": {"tau_pos": a.tau_pos, "tau_neg": a.tau_neg}}.get(
-            a.loss, {"eps_low": a.eps_low, "eps_high": a.eps_high}
-        )
-        self.loss_spec = loss_glue.LossSpec(
-            name=a.loss,
-            agg=a.agg,
-            hyper=hyper,
-            kl_coef=a.kl_coef,
-            kl_type=a.kl_type,
-            entropy_coef=a.entropy_coef,
-            temperature=cfg.rollout.temperature,
-        )
+        self.loss_spec = loss_glue.LossSpec.from_config(cfg)
 
     # ------------------------------------------------------------------------------------------------------
     # batches

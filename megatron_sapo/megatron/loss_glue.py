@@ -52,6 +52,23 @@ class LossSpec:
     # with entropy_coef = 0 it is off; compute_log_probs(..., with_entropy=True) gives it forward-only.
     entropy_metric: bool = False
 
+    @classmethod
+    def from_config(cls, cfg) -> LossSpec:
+        """The spec of cfg.algo (and the rollout temperature the log-probs are taken at)."""
+        a = cfg.algo
+        hyper = {"sapo": {"tau_pos": a.tau_pos, "tau_neg": a.tau_neg}}.get(
+            a.loss, {"eps_low": a.eps_low, "eps_high": a.eps_high}
+        )
+        return cls(
+            name=a.loss,
+            agg=a.agg,
+            hyper={k: v for k, v in hyper.items() if v is not None},  # unset: the loss's own default
+            kl_coef=a.kl_coef,
+            kl_type=a.kl_type,
+            entropy_coef=a.entropy_coef,
+            temperature=cfg.rollout.temperature,
+        )
+
 
 def global_denominators(loss_mask: torch.Tensor) -> tuple[float, float]:
     """(sequences with at least one loss token, loss tokens) of the WHOLE mini-batch."""

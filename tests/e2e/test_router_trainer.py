@@ -40,6 +40,8 @@ def test_free_routing_run_reports_router_metrics_at_cadence(tmp_path):
     # the router metrics reached the metrics stream
     written = [json.loads(x) for x in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines() if x]
     assert any("router/var_logratio" in r for r in written)
+    plots = {p.name for p in (tmp_path / "free" / "plots").iterdir()}  # the run drew its router figures too
+    assert {"router_change_rate.png", "router_variance.png", "router_load.png", "reward.png"} <= plots
     # per mini-batch index (4 updates): update 0 is on-policy, later ones see the drift of earlier steps
     assert "router/minibatch0/var_logratio" not in m and m["router/minibatch0/train_change_rate"] == 0.0
     # (the big learning rate nearly collapses the router by this step: not every update moves the routing)

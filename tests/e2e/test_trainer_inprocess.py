@@ -3,10 +3,11 @@
 import json
 import math
 import os
+import re
 
 import pytest
 
-from megatron_sapo.config import load_config
+from megatron_sapo.config import ConfigError, load_config
 from megatron_sapo.data.datasets import DataError
 from megatron_sapo.rewards.registry import REWARDS, register_reward
 
@@ -64,6 +65,11 @@ def test_nan_rewards_skip_steps_then_stop_with_a_clear_message(tmp_path):
         _train(cfg)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["skipped"] == 1.0  # the first skip was logged
+    row = json.loads(lines[0])  # with every CONTRACT key; those the skip never computed are null
+    from megatron_sapo.trainer import ROW_KEYS
+
+    assert set(ROW_KEYS) | {"gate_mean", "step", "weight_version"} <= set(row)
+    assert row["loss"] is None and row["gate_mean"] is None and row["time_rollout_s"] > 0
 
 
 def test_bad_data_files_name_the_culprit(tmp_path):
@@ -78,6 +84,29 @@ def test_bad_data_files_name_the_culprit(tmp_path):
     missing = _write_rows(tmp_path / "missing.jsonl", [{"prompt": "copy:1=", "task": "copy"}])
     with pytest.raises(DataError, match=r"missing.jsonl.*answer"):
         _train(_cfg(tmp_path, missing, "train.steps=1"))
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path, capsys):
+    """CONTRACT: bad input exits non-zero with one clear line naming the culprit, not a traceback: a broken
+    data file, a checkpoint.resume path that is not a complete checkpoint, diagnose's checkpoint paths."""
+    from megatron_sapo.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "copy:1=", "answer": "1", "task": "copy"}\n{"prompt": oops}\n')
+    train = ["train", "examples/tiny_moe_cpu.yaml", f"run.dir={tmp_path / 'run'}", "train.steps=1"]
+    half_written = tmp_path / "run" / "checkpoints" / "step_3"
+    half_written.mkdir(parents=True)  # no COMPLETE marker
+    cases = [
+        (train + [f"data.paths=[{bad}]"], r"megatron-sapo train: error: .*bad\.jsonl, line 2: not valid JSON"),
+        (train + [f"checkpoint.resume={half_written}"], r"checkpoint\.resume=.*step_3'?: not a complete checkpoint"),
+        (["diagnose", "examples/tiny_moe_cpu.yaml", "--old", str(half_written)], r"diagnose --old .*step_3: not a"),
+    ]
+    for argv, culprit in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and re.search(culprit, errors[0]), err
 
 
 def test_plot_tool_writes_pngs_from_a_recorded_run(tmp_path):
@@ -150,7 +179,7 @@ def test_model_hf_path_sets_the_initial_weights(tmp_path):
     cfg = _cfg(tmp_path, _write_rows(tmp_path / "d.jsonl", rows), f"model.hf_path={tmp_path / 'hf'}")
     hf_model = build_hf_model(cfg.model)
     save_hf_checkpoint(hf_model.state_dict(), cfg.model, str(tmp_path / "hf"))
-    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+    with pytest.raises(ConfigError, match="model.hf_path=.*holds no tokenizer"):
         Trainer(cfg)
     build_tiny_tokenizer(str(tmp_path / "hf"))
     trainer = Trainer(cfg)

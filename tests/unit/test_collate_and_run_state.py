@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from megatron_sapo.config import ConfigError
 from megatron_sapo.data.collate import collate_samples, minibatches
 from megatron_sapo.rollout.base import Sample
 from megatron_sapo.run_state import complete_checkpoints, find_resume_checkpoint, mark_complete, prune_checkpoints
@@ -51,7 +52,7 @@ def test_only_complete_checkpoints_are_resumed_and_pruned(tmp_path):
     assert find_resume_checkpoint(_cfg(tmp_path)).endswith("step_2")
     assert (root / "latest").read_text().strip() == "step_2"
     assert find_resume_checkpoint(_cfg(tmp_path, "none")) is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="checkpoint.resume=.*not a complete checkpoint"):
         find_resume_checkpoint(_cfg(tmp_path, str(root / "step_3")))
     mark_complete(str(tmp_path), str(root / "step_3"))
     (root / "step_4").mkdir()  # an incomplete leftover newer than nothing complete: kept

@@ -41,11 +41,13 @@ def test_table_and_plots(tmp_path, capsys):
     assert ("grpo", "router/share") not in rows and rows[("sapo", "router/share")]["final"] == 0.25
 
     out = tmp_path / "plots"
-    rc = _tool().main([sapo, grpo, "--labels", "SAPO,GRPO", "--keys", "reward_mean,router/share,absent",
-                       "--window", "2", "--out", str(out)])  # fmt: skip
-    assert rc == 0
+    argv = [sapo, grpo, "--labels", "SAPO,GRPO", "--window", "2", "--out", str(out)]
+    assert _tool().main([*argv, "--keys", "reward_mean,router/shar"]) == 2  # a typo names itself and the choices
+    err = capsys.readouterr().err
+    assert "--keys router/shar: in none of the runs" in err and "router/share" in err and not out.exists()
+    assert _tool().main([*argv, "--keys", "reward_mean,router/share"]) == 0  # only SAPO has router/share
     printed = capsys.readouterr().out
-    assert "SAPO" in printed and "GRPO" in printed and "absent" not in printed
+    assert "SAPO" in printed and "GRPO" in printed
     assert sorted(os.listdir(out)) == ["compare_reward_mean.png", "compare_router_share.png"]
     assert all(os.path.getsize(out / name) > 1000 for name in os.listdir(out))
 

@@ -31,6 +31,39 @@ def test_yaml_file_and_overrides_compose(tmp_path):
     assert isinstance(cfg.algo.eps_low, float)
 
 
+@pytest.mark.parametrize(
+    ("loss", "expected"),
+    [("grpo", (0.2, 0.27)), ("gspo", (3e-4, 4e-4)), ("gspo_token", (3e-4, 4e-4)), ("sapo", (None, None))],
+)
+def test_unset_clip_bounds_take_the_chosen_losses_defaults(loss, expected):
+    """SAPO.md: GRPO clips at 0.2 / 0.27, GSPO's sequence ratio at about 3e-4 / 4e-4; `algo.loss=gspo` alone
+    must not inherit GRPO's bounds (a ~500x looser trust region). Explicit values win."""
+    a = load_config(None, [f"algo.loss={loss}"]).algo
+    assert (a.eps_low, a.eps_high) == expected
+    if loss != "sapo":
+        a = load_config(None, [f"algo.loss={loss}", "algo.eps_high=0.05"]).algo
+        assert (a.eps_low, a.eps_high) == (expected[0], 0.05)
+
+
+def test_the_loss_spec_leaves_unset_clip_bounds_to_the_loss():
+    """A Config built without load_config (the Python API) keeps them None; the engine's LossSpec then passes
+    none, so the loss function's keyword defaults (what loss_defaults reads) apply. Set ones are passed."""
+    import inspect
+
+    from megatron_sapo.algo import POLICY_LOSSES, loss_defaults
+    from megatron_sapo.megatron.loss_glue import LossSpec
+
+    cfg = Config()
+    cfg.algo.loss = "gspo"
+    assert cfg.algo.eps_low is None and LossSpec.from_config(cfg).hyper == {}
+    cfg.algo.eps_high = 0.01
+    assert LossSpec.from_config(cfg).hyper == {"eps_high": 0.01}
+    params = inspect.signature(POLICY_LOSSES.get("gspo")).parameters
+    assert loss_defaults("gspo") == {"eps_low": params["eps_low"].default, "eps_high": params["eps_high"].default}
+    cfg.algo.loss = "sapo"
+    assert LossSpec.from_config(cfg).hyper == {"tau_pos": 1.0, "tau_neg": 1.05}
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path):
     assert load_config(None, ["algo.tau_pos=2"]).algo.tau_pos == 2.0
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # a string to PyYAML
@@ -141,16 +174,17 @@ def test_every_validation_rule_names_its_key(overrides, key, rule):
 
 
 def test_defaults_and_good_layouts_validate():
-    validate(Config())
-    for good in (
-        ["parallel.tp=2", "parallel.sp=true", "parallel.etp=2"],
-        ["parallel.ep=2", "parallel.dp=2"],
-        ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.ep=2"],
-        ["model.num_layers=4", "parallel.pp=2", "parallel.vpp=2"],
-        ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.etp=2", "train.pack_sequences=true"],
-        ["parallel.cp=2", "parallel.ep=2", "algo.routing_replay=r2", "diagnostics.router_every=1"],
+    """Each layout loads (validation raises otherwise) with the world size its tp * pp * cp * dp asks for."""
+    assert validate(Config()).parallel.world_size == 1
+    for good, world in (
+        (["parallel.tp=2", "parallel.sp=true", "parallel.etp=2"], 2),
+        (["parallel.ep=2", "parallel.dp=2"], 2),
+        (["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", "parallel.ep=2"], 4),
+        (["model.num_layers=4", "parallel.pp=2", "parallel.vpp=2"], 2),
+        (["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "parallel.etp=2", "train.pack_sequences=true"], 4),
+        (["parallel.cp=2", "parallel.ep=2", "algo.routing_replay=r2", "diagnostics.router_every=1"], 2),
     ):
-        load_config(None, good)
+        assert load_config(None, good).parallel.world_size == world, good
 
 
 def test_defaults_follow_the_paper():

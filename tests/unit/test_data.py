@@ -53,7 +53,7 @@ def test_missing_fields_name_file_line_and_field(tmp_path):
     with pytest.raises(DataError, match=r"m\.jsonl, line 2: missing field 'answer' \(needed by task 'copy'\)"):
         load_prompt_file(_jsonl(tmp_path / "m.jsonl", rows))
     rows = [json.dumps({"question": "x", "answer": "1", "task": "math"})]
-    with pytest.raises(DataError, match=r"q\.jsonl, line 1: missing field 'prompt'"):
+    with pytest.raises(DataError, match=r"q\.jsonl, line 1: missing field 'prompt'.*it has: question, answer, task$"):
         load_prompt_file(_jsonl(tmp_path / "q.jsonl", rows))
     rows = [json.dumps({"prompt": "x", "answer": "1"})]
     with pytest.raises(DataError, match=r"t\.jsonl, line 1: missing field 'task'"):
@@ -73,7 +73,7 @@ def test_empty_missing_and_unknown_files(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_prompt_file(str(tmp_path / "nope.jsonl"))
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unknown dataset format"):
+    with pytest.raises(DataError, match=r"unknown dataset format; use .*\.parquet.*hf:NAME"):
         load_prompt_file(str(tmp_path / "x.csv"))
 
 
