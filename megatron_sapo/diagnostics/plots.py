@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from megatron_sapo.diagnostics.router_plots import plot as plot_router
 from megatron_sapo.diagnostics.writer import read_metrics
 
 # figure name -> the metric keys drawn in it (missing keys are left out; an empty figure is not written)
@@ -61,6 +62,4 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         series = {k: v for k in keys if (v := series_of(rows, k))}
         if series:
             written.append(line_figure(series, name.replace("_", " "), os.path.join(out_dir, f"{name}.png")))
-    from megatron_sapo.diagnostics.router_plots import plot as plot_router  # noqa: PLC0415 (matplotlib)
-
     return written + plot_router(run_dir, out_dir)  # none without router diagnostics

@@ -1,8 +1,7 @@
-"""Routing replay and router diagnostics inside the RL loop (in-process, world size 1, real engines)."""
+"""Routing replay and router diagnostics inside the RL loop (in-process, world size 1, real engines). r3 replays
+the routing an SGLang server reports: tests/sglang/test_trainer_sglang.py runs it against a real server."""
 
 import json
-
-import pytest
 
 from megatron_sapo.config import load_config
 
@@ -61,74 +60,6 @@ def test_r2_run_replays_routing_in_every_update(tmp_path):
             assert m[f"router/minibatch{k}/train_change_rate"] == 0.0
             assert k == 0 or m[f"router/minibatch{k}/var_route"] == 0.0
         assert m["router/minibatch3/var_logratio"] > 0
-
-
-@pytest.fixture
-def rollout_routing(monkeypatch):
-    """A stand-in for SGLang's routed experts: random top-2 sets per input token attached to the local rollout
-    engine's samples; records the routing of every compute_log_probs(record_routing=True) call."""
-    import torch
-
-    from megatron_sapo.megatron.engine import MegatronEngine
-    from megatron_sapo.trainer import Trainer
-
-    g = torch.Generator().manual_seed(5)
-    original_rollout, original_log_probs = Trainer.rollout_step, MegatronEngine.compute_log_probs
-
-    def rollout_with_routing(self, *args):
-        samples, metrics = original_rollout(self, *args)
-        for s in samples:
-            tokens = len(s.prompt_ids) + len(s.response_ids) - 1  # every input token
-            s.routed_experts = torch.rand(tokens, 2, 4, generator=g).topk(2, -1).indices.int()
-        return samples, metrics
-
-    recorded = []
-
-    def spy(self, batch, with_entropy=False, record_routing=False):
-        out = original_log_probs(self, batch, with_entropy, record_routing)
-        if record_routing:
-            recorded.append((batch.get("replay_routing"), out[-1], batch["loss_mask"]))
-        return out
-
-    monkeypatch.setattr(Trainer, "rollout_step", rollout_with_routing)
-    monkeypatch.setattr(MegatronEngine, "compute_log_probs", spy)
-    return recorded
-
-
-def test_r3_replays_the_rollout_engines_routing(tmp_path, rollout_routing):
-    """r3: pi_old's pass and every update use exactly the rollout engine's routing. (Config validation ties
-    r3 to rollout.engine=sglang; the trainer part is tested with the local engine and a stand-in routing.)"""
-    import torch
-
-    def r3(cfg):
-        cfg.algo.routing_replay = "r3"
-
-    from megatron_sapo.diagnostics.router import rollout_change_rates
-
-    history = _run(tmp_path, "r3", "diagnostics.router_every=1", "train.steps=1", edit=r3)
-    forced, old, mask = rollout_routing[0]  # pi_old's pass
-    assert forced is not None
-    sel = mask > 0
-    assert torch.equal(old["ids"][sel].long(), forced[sel].long())
-    m = history[0]
-    assert m["router/var_route"] == 0.0 and all(m[k] == 0.0 for k in _layers(m)) and len(_layers(m)) == 2
-    assert all(m[f"router/minibatch{k}/train_change_rate"] == 0.0 for k in range(4))
-    # rollout vs trainer: the one extra free-routing pass of pi_old, on the step's sample (16 sequences)
-    free_forced, free, free_mask = rollout_routing[1]
-    assert free_forced is None and free_mask.shape[0] == 16
-    want = rollout_change_rates(forced[:16], free["ids"], free_mask, [0, 1])
-    for i in (0, 1):
-        got = m[f"router/layer{i}/rollout_change_rate"]
-        assert got == pytest.approx(float(want[f"layer{i}/rollout_change_rate"]), rel=1e-9) and 0.6 < got <= 1.0
-
-
-def test_rollout_change_rate_without_replay(tmp_path, rollout_routing):
-    history = _run(tmp_path, "roll", "diagnostics.router_every=1", "train.steps=1")
-    forced, old, mask = rollout_routing[0]
-    assert forced is None  # no replay: pi_old routes freely
-    m = history[0]
-    # random rollout sets agree with the trainer's on about 1 token in 6
-    assert all(0.6 < m[f"router/layer{i}/rollout_change_rate"] <= 1.0 for i in (0, 1))
 
 
 def test_diagnose_command_between_two_checkpoints(tmp_path, capsys):
