@@ -12,6 +12,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 
 from megatron_sapo.config import Config, ConfigError, InputError, load_config
 
@@ -21,13 +22,25 @@ def _launched_by_a_launcher() -> bool:
     return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+# A rank that stops on bad input writes its one-line message here too: after torchrun's failure report, the
+# relaunching process repeats it as the last line and exits 2 (the culprit would otherwise scroll away).
+ERROR_FILE_ENV = "MEGATRON_SAPO_ERROR_FILE"
+
+
 def _relaunch_with_torchrun(argv: list[str], world_size: int) -> int:
     """Start world_size local processes running this same command (torchrun sets RANK etc.)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={world_size}", "-m", "megatron_sapo.cli", *argv,
     ]  # fmt: skip
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="megatron_sapo_") as tmp:
+        error_file = os.path.join(tmp, "input_error")
+        code = subprocess.call(cmd, env={**os.environ, ERROR_FILE_ENV: error_file})
+        if code != 0 and os.path.exists(error_file):
+            with open(error_file, encoding="utf-8") as f:
+                print(f.readline().rstrip("\n"), file=sys.stderr)
+            return 2
+    return code
 
 
 class LaunchError(ConfigError):
@@ -253,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, argv)
     except InputError as e:  # a config key, data file or path the user can fix: one line, no traceback
-        print(f"megatron-sapo {args.command}: error: {e}", file=sys.stderr)
+        line = f"megatron-sapo {args.command}: error: {e}"
+        print(line, file=sys.stderr)
+        if os.environ.get(ERROR_FILE_ENV):  # a relaunched rank: for the process that started torchrun
+            with open(os.environ[ERROR_FILE_ENV], "a", encoding="utf-8") as f:
+                f.write(line.replace("\n", " ") + "\n")
         return 2
 
 

@@ -107,6 +107,9 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path, capsys):
         assert "Traceback" not in err
         errors = [line for line in err.splitlines() if "error:" in line]
         assert len(errors) == 1 and re.search(culprit, errors[0]), err
+    # two ranks (a torchrun relaunch): after torchrun's own failure report, the culprit is the last line, exit 2
+    assert main(cases[0][0] + ["parallel.dp=2", "train.micro_batch_size=4"]) == 2
+    assert re.search(cases[0][1], capsys.readouterr().err.splitlines()[-1])
 
 
 def test_plot_tool_writes_pngs_from_a_recorded_run(tmp_path):
