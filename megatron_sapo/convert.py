@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megatron_sapo.config import Config
 from megatron_sapo.rollout.weights import save_hf_buckets
-from megatron_sapo.run_state import MARKER, is_complete
+from megatron_sapo.run_state import MARKER, require_complete
 
 HF_FILE_MB = 4096  # safetensors shard size of an exported HF checkpoint (HF hub uses 4-5 GB)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -41,8 +41,8 @@ def convert(
         raise ValueError("give exactly one source: --checkpoint DIR or --from-hf DIR")
     if to_hf is None and to_checkpoint is None:
         raise ValueError("give a target: --to-hf DIR and/or --to-checkpoint DIR")
-    if checkpoint is not None and not is_complete(checkpoint):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: not a complete checkpoint (no COMPLETE marker)")
+    if checkpoint is not None:
+        require_complete(checkpoint, "--checkpoint")
     engine = MegatronEngine(cfg)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:

@@ -96,16 +96,14 @@ def _eval_prompts(cfg: Config, tokenizer, opts: EvalOptions) -> list:
 
 def _weights_source(cfg: Config, opts: EvalOptions) -> tuple[str, str]:
     """("hf", folder) or ("checkpoint", folder): what to evaluate, or a clear error."""
-    from megatron_sapo.run_state import find_resume_checkpoint, is_complete
+    from megatron_sapo.run_state import find_resume_checkpoint, require_complete
 
     if opts.hf and opts.checkpoint:
         raise ValueError("give one of --hf and --checkpoint, not both")
     if opts.hf:
         return "hf", opts.hf
     if opts.checkpoint:
-        if not is_complete(opts.checkpoint):
-            raise FileNotFoundError(f"--checkpoint {opts.checkpoint}: not a complete checkpoint (no COMPLETE marker)")
-        return "checkpoint", opts.checkpoint
+        return "checkpoint", require_complete(opts.checkpoint, "--checkpoint")
     if (newest := find_resume_checkpoint(cfg)) is not None:
         return "checkpoint", newest
     if cfg.model.hf_path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from megatron_sapo.config import ConfigError
+from megatron_sapo.config import ConfigError, InputError
 
 MARKER = "COMPLETE"
 
@@ -47,6 +47,13 @@ def complete_checkpoints(run_dir: str) -> list[str]:
         return []
     names = sorted((n for n in os.listdir(root) if _step_of(n) >= 0), key=_step_of)
     return [os.path.join(root, n) for n in names if is_complete(os.path.join(root, n))]
+
+
+def require_complete(path: str, what: str) -> str:
+    """`path` if it is a complete checkpoint, else an InputError "<what> <path>: not a complete checkpoint"."""
+    if not is_complete(path):
+        raise InputError(f"{what} {path}: not a complete checkpoint (no {MARKER} marker)")
+    return path
 
 
 def find_resume_checkpoint(cfg) -> str | None:

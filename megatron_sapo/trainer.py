@@ -102,7 +102,7 @@ class Trainer:
             with open(resolved, encoding="utf-8") as f:
                 print(f"resolved config (saved as {resolved}):\n{f.read()}", flush=True)
             self.tokenizer = load_tokenizer(cfg)
-            find_resume_checkpoint(cfg)  # an explicit checkpoint.resume path must be complete: fail fast
+            self.resume_path = find_resume_checkpoint(cfg)  # before the model: a bad explicit path fails fast
             self.prompts = build_prompt_source_from_config(cfg.data, self.tokenizer, cfg.train.seed)
             self.rollout = build_rollout_engine(cfg, self.tokenizer)
             self.ahead = RolloutAhead()  # used with rollout.async_steps=1, or after resuming such a run
@@ -151,8 +151,7 @@ class Trainer:
         return reference
 
     def _resume(self) -> None:
-        path = find_resume_checkpoint(self.cfg) if self.is_rank0 else None
-        path = _broadcast(path)
+        path = _broadcast(self.resume_path if self.is_rank0 else None)
         if path is None:
             return
         extra = self.engine.load_checkpoint(path)

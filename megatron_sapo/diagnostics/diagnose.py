@@ -17,7 +17,7 @@ import os
 import torch
 
 from megatron_sapo.config import ConfigError, InputError
-from megatron_sapo.run_state import MARKER, is_complete
+from megatron_sapo.run_state import require_complete
 
 
 def synthetic_batch(n: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -47,8 +47,8 @@ def diagnose(cfg, old: str, new: str | None = None, batch_path: str | None = Non
     if not cfg.model.is_moe:
         raise ConfigError("model.num_experts: diagnose needs an MoE model (num_experts > 0)")
     for flag, path in (("--old", old), ("--new", new)):
-        if path and not is_complete(path):
-            raise InputError(f"diagnose {flag} {path}: not a complete checkpoint (no {MARKER} marker)")
+        if path:
+            require_complete(path, f"diagnose {flag}")
     if batch_path and not os.path.isfile(batch_path):
         raise InputError(f"diagnose --batch {batch_path}: no such file")
     engine = MegatronEngine(cfg)
