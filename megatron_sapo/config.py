@@ -112,6 +112,10 @@ class AlgoConfig:
     tis_cap: float = 0.0  # truncated importance sampling cap C on pi_old / pi_rollout; 0 = off
     tis_level: Literal["token", "sequence"] = "token"
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    # pi_old of the ratio: "recompute" = a trainer forward pass before the updates (measures the train/rollout
+    # mismatch); "rollout" = the rollout engine's log-probs of the sampled tokens (no pass: one forward fewer
+    # per step; with async rollouts the true behaviour policy). r2 and tis_cap need "recompute".
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
 
 
 @dataclass
@@ -153,6 +157,9 @@ class RolloutConfig:
     # 1: the next step's rollout is generated (weights one step old) while this step trains (one-step
     # off-policy, as slime's and verl's async modes); 0: rollout and training take turns
     async_steps: int = 0
+    # engine local only: generate in a child process (own GIL and core) on shared-memory weights, so that with
+    # async_steps=1 generation overlaps training on a CPU box; costs one more process (its imports' memory)
+    local_process: bool = False
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 

@@ -71,6 +71,12 @@ def load_tokenizer(cfg: Config):
 
 
 def build_rollout_engine(cfg: Config, tokenizer):
+    if cfg.rollout.engine == "local" and cfg.rollout.local_process:
+        from megatron_sapo.megatron.parallel import cpu_threads_per_process
+        from megatron_sapo.rollout.local_process import LocalProcessEngine
+
+        threads = cpu_threads_per_process(cfg.parallel.world_size, cfg.parallel.cpu_threads, rollout_process=True)
+        return LocalProcessEngine(cfg.model, tokenizer.eos_token_id, tokenizer.pad_token_id, threads)
     if cfg.rollout.engine == "local":
         from megatron_sapo.rollout.local import LocalEngine
 
@@ -304,6 +310,7 @@ class Trainer:
             fault_point("update", self.step + 1)  # after an optimizer step, before the step completes
         metrics["time_train_s"] = time.perf_counter() - start - (router.seconds if router is not None else 0.0)
         metrics.update(_merge_minibatch_metrics(per_minibatch))
+        metrics.setdefault("kl_rollout_k3", math.nan)  # algo.old_logprobs=rollout: not measured
         if _router_diagnostics_due(self.cfg, self.step + 1):
             metrics.update(self._router_diagnostics(batch, old_routing, rollout_routing, router))
 
@@ -334,8 +341,10 @@ class Trainer:
         old_routing = None
         if mode == "r2" or _router_diagnostics_due(self.cfg, self.step + 1):
             batch["old_log_probs"], old_routing = self.engine.compute_log_probs(old_batch, record_routing=True)
-        else:
+        elif self.cfg.algo.old_logprobs == "recompute":
             batch["old_log_probs"] = self.engine.compute_log_probs(old_batch)
+        if self.cfg.algo.old_logprobs == "rollout":  # pi_old := pi_rollout (a diagnostic pass gave routing only)
+            batch["old_log_probs"] = batch.pop("rollout_log_probs")  # no mismatch left to measure: null metrics
         if self.reference is not None:  # the reference model routes freely
             batch["ref_log_probs"] = self.reference.compute_log_probs(batch)
         if mode == "r2" and old_routing is not None:

@@ -139,6 +139,11 @@ def _validate_algo(a: AlgoConfig, m: ModelConfig, r: RolloutConfig) -> None:
     _require(a.entropy_coef >= 0, "algo.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
     _require(a.minibatches >= 1, "algo.minibatches", f"must be >= 1, got {a.minibatches}")
     _require(a.tis_cap >= 0, "algo.tis_cap", f"must be >= 0 (0 = off), got {a.tis_cap}")
+    if a.old_logprobs == "rollout":  # nothing to replay or correct without pi_old's own pass
+        _require(a.routing_replay != "r2", "algo.old_logprobs",
+                 "rollout skips the trainer's pi_old pass whose routing r2 replays: use recompute, or r3")  # fmt: skip
+        _require(a.tis_cap == 0, "algo.old_logprobs",
+                 "rollout makes pi_old = pi_rollout, so algo.tis_cap would correct nothing: use recompute")  # fmt: skip
     if a.routing_replay != "none":
         _require(m.is_moe, "algo.routing_replay", "routing replay needs an MoE model (model.num_experts > 0)")
     if a.routing_replay == "r3":
@@ -167,6 +172,7 @@ def _validate_batching(cfg: Config) -> None:
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _require(r.async_steps in (0, 1), "rollout.async_steps", f"must be 0 or 1 (steps ahead), got {r.async_steps}")
+    _require(not r.local_process or r.engine == "local", "rollout.local_process", "needs rollout.engine=local")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _require(t.logprob_micro_batch_size >= 0, "train.logprob_micro_batch_size", "must be >= 0 (0: micro_batch_size)")
     # megatron's interleaved schedule needs at least pp micro-batches, and packing makes the count vary

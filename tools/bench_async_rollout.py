@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python tools/bench_async_rollout.py --engine sglang    # needs tools/sglang_cpu_kit
     HF_HUB_OFFLINE=1 python tools/bench_async_rollout.py --engine local --steps 10 --repeats 2
+    HF_HUB_OFFLINE=1 python tools/bench_async_rollout.py --engine local_process --steps 10 --repeats 2
 
 Both modes run examples/tiny_moe_cpu.yaml from the same seeded start, one after the other in alternating
 order, each in its own process (tools/bench_vs_trl.run_side: steps/s over steps 2..N from the moments the
@@ -9,7 +10,9 @@ metrics lines appear; start-up, including an SGLang server's launch, is not in i
 rollout time, the trainer's mean wait on the rollout (`time_rollout_wait_s`) and the samples' staleness.
 With `--engine sglang` the server is a separate process with its own thread (rollout.sglang.cpu_threads=1
 beside a one-thread trainer), so the two halves can overlap on two cores, as servers beside the trainer's
-GPUs do; with `--engine local` the rollout thread shares the trainer's process and Python's GIL.
+GPUs do; with `--engine local` the rollout thread shares the trainer's process and Python's GIL; with
+`--engine local_process` (rollout.local_process=true) the local engine generates in a child process of its own
+(one thread), on the trainer's weights in shared memory.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def overrides(args, run_dir: str, mode: str) -> list[str]:
             raise SystemExit(f"no SGLang kit python at {kit}: bash tools/sglang_cpu_kit/setup.sh, or --sglang-python")
         out += ["rollout.engine=sglang", f"rollout.sglang.python={kit}", "rollout.sglang.cpu_threads=1",
                 "rollout.sglang.max_total_tokens=4096", f"rollout.sglang.base_port={args.port}"]  # fmt: skip
+    if args.engine == "local_process":
+        out.append("rollout.local_process=true")
     return out
 
 
@@ -54,7 +59,7 @@ def summarize(metrics_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engine", choices=("local", "sglang"), default="sglang")
+    parser.add_argument("--engine", choices=("local", "local_process", "sglang"), default="sglang")
     parser.add_argument("--steps", type=int, default=8, help="rollout steps per run (the first is a warm-up)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating the order (best kept)")
     parser.add_argument("--sglang-python", help="the SGLang kit's python (default .venv-sglang/bin/python)")

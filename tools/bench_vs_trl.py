@@ -3,7 +3,9 @@
     pip install -e .[bench]            # trl==1.16.0 (benchmark-only; keeps transformers 4.x)
     HF_HUB_OFFLINE=1 python tools/bench_vs_trl.py                  # 6 rollout steps each (a few minutes)
     HF_HUB_OFFLINE=1 python tools/bench_vs_trl.py --steps 12 --workdir /tmp/bench --keep
-    HF_HUB_OFFLINE=1 python tools/bench_vs_trl.py --our-override rollout.async_steps=1   # ours one-step async
+    HF_HUB_OFFLINE=1 python tools/bench_vs_trl.py --threads 1 --repeats 2 --steps 10      # like for like
+    HF_HUB_OFFLINE=1 python tools/bench_vs_trl.py --threads 1 --repeats 2 --steps 10 --ours fast
+    HF_HUB_OFFLINE=1 python tools/bench_vs_trl.py --our-override algo.old_logprobs=rollout   # any overrides
 
 What a small-model user would run instead of megatron_sapo is TRL's GRPOTrainer with loss_type="sapo".
 Both sides start from the SAME weights (megatron-core's seeded init of examples/tiny_moe_cpu.yaml, exported
@@ -45,6 +47,14 @@ Our recipe -> TRL GRPOConfig (trl_config_kwargs below); one rollout step = one T
 Plus report_to "none", save_strategy "no", shuffle_dataset False, the same torch thread count (--threads,
 default the cores; on a shared 2-core box use --threads 1: two intra-op threads on busy cores make single ops
 wait for a descheduled peer, and either side's run can slow down 10x or more).
+
+`--ours fast` runs our side as we recommend for a small CPU box instead (FAST_OVERRIDES): the local engine in a
+child process of its own generating the next step while this one trains (rollout.local_process,
+rollout.async_steps=1: one-step off-policy, where TRL stays on-policy), pi_old taken from the rollout engine
+(algo.old_logprobs=rollout: no pi_old pass), and the trainer and the child splitting --threads (at least one
+each). It uses a second process and core, which TRL's GRPOTrainer cannot use for this (its own --threads 2 run
+is slower than --threads 1 on the 2-core box), and that process's memory. Its figure line is
+steps_per_s_vs_trl_fast; like for like (the default) it is steps_per_s_vs_trl.
 
 Caveats: both generate with transformers' generate() on the same HF model class, so generation costs the
 same in principle; the difference is the training side (Megatron-Core's MoE layers, fused loss glue) and
@@ -148,6 +158,12 @@ def trl_config_kwargs(cfg, steps: int, output_dir: str) -> dict:
         "dataloader_num_workers": 0,
         "remove_unused_columns": False,
     }
+
+
+def fast_overrides(threads: int) -> list[str]:
+    """`--ours fast`: async generation in a child process, pi_old from the rollout, threads split with the child."""
+    return [f"parallel.cpu_threads={max(1, threads // 2)}", "rollout.local_process=true", "rollout.async_steps=1",
+            "algo.old_logprobs=rollout"]  # fmt: skip
 
 
 def our_overrides(steps: int, run_dir: str, dp: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
@@ -348,9 +364,10 @@ def main_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"exporting the initial weights failed; see {os.path.join(work, 'export.log')}")
 
     our_metrics = os.path.join(spec["our_dir"], "metrics.jsonl")
+    extra = (fast_overrides(spec["threads"]) if args.ours == "fast" else []) + args.our_override
     commands = {
         "megatron_sapo": ([sys.executable, "-m", "megatron_sapo.cli", "train", CONFIG, *our_overrides(args.steps,
-                          spec["our_dir"], args.our_dp, tuple(args.our_override))], our_metrics),
+                          spec["our_dir"], args.our_dp, tuple(extra))], our_metrics),
         "trl": ([*me, "--worker", "trl", spec_path], spec["progress"]),
     }  # fmt: skip
     runs: dict[str, list[dict]] = {"megatron_sapo": [], "trl": []}
@@ -401,8 +418,9 @@ def report(args, spec: dict, runs: dict, load_before: float) -> None:
     if args.our_dp > 1:
         threads = max(1, spec["threads"] // args.our_dp)
         print(f"megatron_sapo: parallel.dp={args.our_dp} ({args.our_dp} processes x {threads} threads); TRL: 1 process")
-    if args.our_override:
-        print(f"megatron_sapo overrides: {' '.join(args.our_override)} (TRL: the mapping above, unchanged)")
+    extra = (fast_overrides(spec["threads"]) if args.ours == "fast" else []) + args.our_override
+    if extra:
+        print(f"megatron_sapo overrides: {' '.join(extra)} (TRL: the mapping above, unchanged)")
     print(f"load average (1 min) before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (shared machines: noisy)")
     print(
         f"recipe: examples/tiny_moe_cpu.yaml, {args.steps} rollout steps per run (4 prompts x 8 samples, "
@@ -434,7 +452,8 @@ def report(args, spec: dict, runs: dict, load_before: float) -> None:
     if args.repeats > 1:
         print(f"ratios: best steps/s and largest peak RSS of each side over {args.repeats} runs")
     print()
-    figure = "steps_per_s_vs_trl" + ("_with_overrides" if args.our_override else "")  # not the like-for-like one
+    figure = "steps_per_s_vs_trl" + ("_fast" if args.ours == "fast" else "")
+    figure += "_with_overrides" if args.our_override else ""  # not the like-for-like one
     print(f"{figure} ratio={ours['steps_per_s'] / ref['steps_per_s']:.3f} goal>=1.5")
     print(f"peak_rss_vs_trl ratio={ours['peak_rss'] / ref['peak_rss']:.3f} goal<=1.0")
 
@@ -449,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads per process (default: the cores)")
     parser.add_argument(
         "--our-dp", type=int, default=1, help="our data-parallel ranks (processes; threads split between them)"
+    )
+    parser.add_argument(
+        "--ours",
+        choices=("like-for-like", "fast"),
+        default="like-for-like",
+        help="our side: the same recipe as TRL's (default), or fast: async rollouts in a child process (see above)",
     )
     parser.add_argument(
         "--our-override",

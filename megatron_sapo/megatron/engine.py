@@ -36,7 +36,7 @@ class MegatronEngine:
                     "Transformer Engine attention ignores it (its THD format is not built yet): set it to false"
                 )
             packed = {"masked_softmax_fusion": False}  # the fused causal kernel would ignore the packed mask
-        self.par = parallel or init_parallel(cfg.parallel, seed=cfg.train.seed)
+        self.par = parallel or init_parallel(cfg.parallel, cfg.train.seed, cfg.rollout.local_process)
         self.tcfg = model.build_transformer_config(
             cfg.model, cfg.parallel, batch_p2p_comm=self.par.batch_p2p_comm, **packed
         )

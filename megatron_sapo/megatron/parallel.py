@@ -100,18 +100,20 @@ class ParallelState:
             dist.destroy_process_group()
 
 
-def _set_cpu_threads(world_size: int, threads: int = 0) -> None:
+def cpu_threads_per_process(world_size: int, threads: int = 0, rollout_process: bool = False) -> int:
     """Intra-op threads: `threads` when > 0; else OMP_NUM_THREADS when set (torch already read it); else
-    the cores shared by this node's ranks, so that they don't oversubscribe the cores. Oversubscription is
-    costly: with 2 threads on 2 busy cores, one tiny-MoE optimizer step took 214 ms instead of 12 ms."""
+    the cores shared by this node's ranks (plus the local rollout child, rollout.local_process), so that they
+    don't oversubscribe the cores. Oversubscription is costly: with 2 threads on 2 busy cores, one tiny-MoE
+    optimizer step took 214 ms instead of 12 ms."""
     if threads > 0:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+        return threads
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) + int(rollout_process)
+    return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
-def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
+def init_parallel(pcfg: ParallelConfig, seed: int = 1234, rollout_process: bool = False) -> ParallelState:
     """Initialise torch.distributed (if needed) and megatron's parallel state; seed the RNG trackers."""
     compat.apply_patches()
     from megatron.core import parallel_state as ps
@@ -126,7 +128,7 @@ def init_parallel(pcfg: ParallelConfig, seed: int = 1234) -> ParallelState:
         )
     backend = backend_name()
     if backend == "gloo":
-        _set_cpu_threads(world, pcfg.cpu_threads)
+        torch.set_num_threads(cpu_threads_per_process(world, pcfg.cpu_threads, rollout_process))
     ps.initialize_model_parallel(
         tensor_model_parallel_size=pcfg.tp,
         pipeline_model_parallel_size=pcfg.pp,

@@ -41,8 +41,13 @@ class ExponentialRaceSampler:
 
 
 class LocalEngine:
-    def __init__(self, model_cfg: ModelConfig, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model_cfg: ModelConfig, eos_token_id: int, pad_token_id: int, weights=None):
+        """`weights`: a state dict whose tensors become the model's own (assigned, not copied): the child of
+        rollout/local_process.py runs on the parent's shared-memory weights this way."""
         self.model = build_hf_model(model_cfg, eos_token_id)
+        if weights is not None:
+            self.model.load_state_dict(weights, assign=True)
+            self.model.tie_weights()  # assign replaced the tied tensors: tie lm_head to the embedding again
         # sdpa with a mask built without vmap: the same tokens, ~45% less generate() time on tiny models
         self.model.set_attn_implementation(hf_mask.register())
         self.eos_token_id = eos_token_id

@@ -73,3 +73,13 @@ def test_async_bench_overrides_are_valid_config(tmp_path):
     assert cfgs["async"].rollout.engine == "sglang" and cfgs["async"].rollout.sglang.cpu_threads == 1
     cfgs["sync"].rollout.async_steps = 1
     assert cfgs["sync"] == cfgs["async"]
+
+
+def test_the_fast_preset_is_a_valid_config_that_splits_the_threads(bench, tmp_path):
+    for threads, each in ((1, 1), (2, 1), (8, 4)):
+        overrides = bench.fast_overrides(threads)
+        cfg = load_config(bench.CONFIG, bench.our_overrides(4, str(tmp_path), extra=tuple(overrides)))
+        assert cfg.parallel.cpu_threads == each  # the trainer; the child takes as many (cpu_threads_per_process)
+        assert cfg.rollout.local_process and cfg.rollout.async_steps == 1 and cfg.algo.old_logprobs == "rollout"
+        # the recipe itself is unchanged: TRL's mapping still holds for it
+        assert bench.trl_config_kwargs(cfg, 4, str(tmp_path / "trl"))["steps_per_generation"] == 4
