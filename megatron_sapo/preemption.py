@@ -5,10 +5,10 @@ boundaries, where every rank agrees on it with one tiny all_reduce (MAX), writes
 step and leaves fit(); the CLI then exits with EXIT_CODE. A signal that arrives while a checkpoint is being
 written is only recorded, so the write completes.
 
-SLURM signals every process of a job step, not only the task. megatron's checkpoint writer keeps a 'spawn'
-helper process (the write-results queue's multiprocessing Manager), which a default-action SIGTERM / SIGUSR1
-would kill, failing the next save; StopSignals starts it beforehand with both signals ignored (an ignored
-disposition survives exec, a Python handler does not). Forked write workers inherit the handlers.
+SLURM signals every process of a job step, not only the task. The helper processes see it too: megatron's
+forked checkpoint writers inherit the handlers; its write-results Manager, a spawned process that a signal
+would kill (failing the next save), is never started (checkpoint._results_queue_without_a_manager); the local
+rollout child (rollout.local_process) ignores both signals and ends with the trainer.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if self.enabled and threading.current_thread() is threading.main_thread():
-            _start_checkpoint_helper()
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
         return self
@@ -73,22 +72,3 @@ class StopSignals:
             dist.all_reduce(box, op=dist.ReduceOp.MAX)
             flag = int(box.item())
         return flag
-
-
-def _start_checkpoint_helper() -> None:
-    """Start megatron's write-results Manager now, with SIGTERM and SIGUSR1 ignored, so that it inherits that
-    (a signal in this short window, before the handlers exist, is lost rather than fatal). A no-op when it
-    already runs or this megatron-core has no such helper."""
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as writer
-    except ImportError:
-        return
-    start = getattr(writer, "_get_write_results_queue", None)
-    if start is None or getattr(writer, "_results_queue", None) is not None:
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
-    try:
-        start()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -12,13 +12,14 @@ from the current optimizer (hyperparameters are config; the LR is the scheduler'
 count. Known limit: WITHOUT the distributed optimizer, EP=1 <-> EP>1 resume is not supported (the spike
 found it fails); same-EP layout changes work.
 
-Note for scripts: dist_checkpointing may start a 'spawn' worker that re-imports __main__; code that saves
-must run under `if __name__ == "__main__":`.
+megatron's writer keeps its results queue in a spawned multiprocessing Manager; save_checkpoint gives it a
+plain queue first (_results_queue_without_a_manager), so a save starts no spawned process (its writers fork).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 
 import torch
 
@@ -136,10 +137,27 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
+def _results_queue_without_a_manager() -> None:
+    """megatron-core (0.16.1; the same module global in 0.19) hands a checkpoint write's results back through a
+    queue that it keeps in a multiprocessing Manager: a spawned server process that re-imports torch (about
+    275 MB, and seconds of CPU at a run's first save on a small box), lives as long as the trainer, and outlives
+    a SIGKILLed trainer for good (it ignores SIGTERM too: one orphan per killed run). Our saves are synchronous:
+    the results are put and read in this process (megatron's forked writer processes report through a queue
+    of their own), so a plain thread queue carries them. Only megatron's async save, which we do not use, needs
+    the Manager; with this queue its results would not arrive and megatron would raise "results_queue should
+    not be empty". Set once, before megatron creates its own; an existing queue is left as it is."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(path: str, chunks: list, optimizer=None, scheduler=None, extra: dict | None = None) -> None:
     """Write a dist checkpoint of this rank's shards (collective: every rank calls it)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+
+    _results_queue_without_a_manager()
 
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)

@@ -12,6 +12,7 @@ flight (sync_weights waits for the rollout ahead), so the child never reads a ha
 from __future__ import annotations
 
 import contextlib
+import signal
 import traceback
 
 import torch
@@ -25,6 +26,10 @@ from megatron_sapo.rollout.local import LocalEngine
 def _serve(conn, model_cfg: ModelConfig, eos_token_id: int, pad_token_id: int, weights: dict, threads: int):
     """The child: a LocalEngine on the shared weights, answering ("generate", prompts, params, version)
     requests until ("stop",) or the parent's end of the pipe closes."""
+    # SLURM signals every process of a job step, a terminal's Ctrl-C the whole foreground group: the trainer
+    # decides (a graceful stop still needs rollouts), and its exit closes the pipe, which ends this loop.
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         engine = LocalEngine(model_cfg, eos_token_id, pad_token_id, weights=weights)

@@ -20,10 +20,20 @@ EXIT_BOUND_S = 120  # from the signal to the exit: the rest of one step plus one
 
 def _cmd(run_dir, *overrides):
     return [
-        sys.executable, "-m", "megatron_sapo.cli", "train", os.path.join(ROOT, "examples", "tiny_moe_cpu.yaml"),
-        f"train.steps={STEPS}", "checkpoint.every=0", "rollout.max_new_tokens=6", f"run.dir={run_dir}",
-        "logging.plots=false", *overrides,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "megatron_sapo.cli",
+        "train",
+        os.path.join(ROOT, "examples", "tiny_moe_cpu.yaml"),
+        f"train.steps={STEPS}",
+        "checkpoint.every=0",
+        "rollout.max_new_tokens=6",
+        f"run.dir={run_dir}",
+        "logging.plots=false",
+        "parallel.cpu_threads=1",
+        *overrides,
+    ]  # fmt: skip  (one thread everywhere: rollout.local_process would otherwise halve the trainer's threads,
+    #                 and another reduction order changes the float rounding of the compared metrics)
 
 
 def _steps_written(run_dir) -> int:
@@ -78,9 +88,13 @@ def test_a_signal_checkpoints_the_step_exits_and_resumes_to_the_same_trajectory(
     assert [m["step"] for m in expected] == list(range(1, STEPS + 1))
 
     # SIGUSR1 with no periodic checkpoint: the stop writes one. SIGTERM with one every step: the stop reuses it.
-    for signum, every in ((signal.SIGUSR1, 0), (signal.SIGTERM, 1)):
-        run_dir = str(tmp_path / signal.Signals(signum).name)
-        rc, waited, out = _run(run_dir, f"checkpoint.every={every}", signum=signum)
+    # SIGTERM again with the local engine in its own process (rollout.local_process): the signal reaches that
+    # child too (which ignores it: tests/unit/test_local_process.py); its samples equal the in-process engine's,
+    # so the stopped and resumed run follows the same trajectory.
+    cases = ((signal.SIGUSR1, 0, ()), (signal.SIGTERM, 1, ()), (signal.SIGTERM, 1, ("rollout.local_process=true",)))
+    for signum, every, extra in cases:
+        run_dir = str(tmp_path / (signal.Signals(signum).name + "".join(extra)))
+        rc, waited, out = _run(run_dir, f"checkpoint.every={every}", *extra, signum=signum)
         assert rc == EXIT_CODE, out[-2000:]
         assert waited < EXIT_BOUND_S
         stopped = len(_metrics(run_dir))
@@ -90,7 +104,7 @@ def test_a_signal_checkpoints_the_step_exits_and_resumes_to_the_same_trajectory(
         latest, complete = _checkpoints(run_dir)
         assert latest == f"step_{stopped}" and f"step_{stopped}" in complete
 
-        rc, _, out = _run(run_dir, f"checkpoint.every={every}")
+        rc, _, out = _run(run_dir, f"checkpoint.every={every}", *extra)
         assert rc == 0, out[-2000:]
         assert f"step_{stopped} (step {stopped})" in out  # resumed from the signal's checkpoint
         got = _metrics(run_dir)

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,14 +26,30 @@ def _cmd(run_dir, extra=()):
 
 
 class _Result:
-    def __init__(self, returncode, stdout):
-        self.returncode, self.stdout = returncode, stdout
+    def __init__(self, returncode, stdout, left_behind):
+        self.returncode, self.stdout, self.left_behind = returncode, stdout, left_behind
+
+
+def _left_behind(pgid: int, wait_s: float = 15.0) -> list[str]:
+    """Live (not zombie) processes of the trainer's group once it is dead, after giving its helpers wait_s to
+    end: the rollout child ends when its pipe closes, megatron's forked writers when their file is written."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    left.append(" ".join(p.info["cmdline"] or [])[:120])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def _run(run_dir, kill_at=None, kill_after_s=None, extra=()):
-    """Run training in its own process group. Like a job scheduler, once the trainer is dead the whole group is
-    killed: megatron's checkpoint writer leaves a multiprocessing manager process that outlives a SIGKILLed
-    parent."""
+    """Run training in its own process group. Returns its exit code, output and the processes of the group that
+    outlived the trainer; then, like a job scheduler, kills the whole group."""
     env = dict(os.environ)
     env.pop("MEGATRON_SAPO_KILL_AT", None)
     if kill_at:
@@ -48,11 +65,12 @@ def _run(run_dir, kill_at=None, kill_after_s=None, extra=()):
                 except subprocess.TimeoutExpired:
                     proc.send_signal(signal.SIGKILL)
             returncode = proc.wait(timeout=600)
+            left_behind = _left_behind(proc.pid)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
     with open(log) as f:
-        return _Result(returncode, f.read())
+        return _Result(returncode, f.read(), left_behind)
 
 
 def _metrics(run_dir):
@@ -70,6 +88,7 @@ def test_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_path):
     for kill_at, resumes_after in (("rollout@2", None), ("update@3", 1), ("checkpoint@4", 2)):
         proc = _run(killed, kill_at)
         assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:]
+        assert proc.left_behind == []  # no helper process outlives a killed trainer (megatron's Manager did)
         if resumes_after is not None:
             assert f"step_{resumes_after} (step {resumes_after})" in proc.stdout
     # the checkpoint@4 kill left step_4 written but unmarked: it must not be loaded
@@ -94,8 +113,9 @@ def test_killed_runs_resume_to_the_uninterrupted_trajectory(tmp_path):
 def test_killed_async_run_resumes_with_its_rollout_ahead(tmp_path):
     """rollout.async_steps=1: step k+1's rollout is generated (and its prompts drawn) during step k and saved
     with step k's checkpoint. Killed in that rollout (inside the thread) or mid-update, the run resumes to the
-    uninterrupted trajectory: nothing is generated twice and the samples stay one weight version old."""
-    extra = ("rollout.async_steps=1",)
+    uninterrupted trajectory: nothing is generated twice and the samples stay one weight version old. The
+    local engine generates in its own process here (rollout.local_process), which must end with the trainer."""
+    extra = ("rollout.async_steps=1", "rollout.local_process=true")
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     assert _run(straight, extra=extra).returncode == 0
     expected = _metrics(straight)
@@ -104,6 +124,7 @@ def test_killed_async_run_resumes_with_its_rollout_ahead(tmp_path):
     for kill_at, resumes_after in (("rollout@4", None), ("update@4", 2)):
         proc = _run(killed, kill_at, extra=extra)
         assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:]
+        assert proc.left_behind == [], proc.left_behind  # the rollout child saw its pipe close and ended
         if resumes_after is not None:
             assert f"step_{resumes_after} (step {resumes_after})" in proc.stdout
     final = _run(killed, extra=extra)

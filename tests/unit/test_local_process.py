@@ -1,5 +1,9 @@
 """rollout.local_process: the local engine in a spawned child, on the parent's shared-memory weights."""
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -48,6 +52,17 @@ def test_a_failure_in_the_child_is_raised_with_its_traceback_and_the_child_lives
     _, child = engines
     with pytest.raises(RuntimeError, match=r"failed during generate:(.|\n)*IndexError"):
         child.generate([[1, 99]], SamplingParams(n=1, max_new_tokens=2))  # token 99 outside the vocabulary of 64
+    assert child.health()
+    assert len(child.generate([[1, 5]], SamplingParams(n=2, max_new_tokens=2))) == 2
+
+
+def test_the_child_ignores_the_stop_signals_that_the_trainer_handles(engines):
+    """SLURM signals every process of a job step (and Ctrl-C the whole foreground group): the child must
+    keep serving until the trainer, which stops gracefully, ends it."""
+    _, child = engines
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        os.kill(child._proc.pid, signum)
+    time.sleep(0.5)  # a default disposition would have ended the process by now
     assert child.health()
     assert len(child.generate([[1, 5]], SamplingParams(n=2, max_new_tokens=2))) == 2
 

@@ -4,6 +4,7 @@ plain forward, temperature, LR schedules, global weights round trip, layout chec
 from __future__ import annotations
 
 import math
+import queue
 
 import pytest
 import torch
@@ -204,7 +205,19 @@ def test_cpu_adam_is_fused_and_stays_fused_after_a_checkpoint_load(engine, tmp_p
         return {(g["fused"], g["foreach"]) for g in groups}
 
     assert flags() == {(True, False)}
+    batch = _batch(seed=11)  # one update first: Adam's state exists only after a step (the test stands alone)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    batch["old_log_probs"] = engine.compute_log_probs(batch)
+    engine.train_minibatch(batch)
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    children = set(psutil.Process().children(recursive=True))
     engine.save_checkpoint(str(tmp_path / "ckpt"))
+    # the write's results came back through a plain queue: no Manager server process was left behind
+    # (megatron's own would be a new live child of this process, and an orphan after a SIGKILL)
+    assert isinstance(filesystem_async._results_queue, queue.Queue)
+    assert set(psutil.Process().children(recursive=True)) - children == set()
     for o in engine.optimizer.chained_optimizers:  # as a checkpoint from before fused Adam would restore them
         for g in o.optimizer.param_groups:
             g["fused"], g["foreach"] = None, None
