@@ -83,3 +83,12 @@ def test_the_fast_preset_is_a_valid_config_that_splits_the_threads(bench, tmp_pa
         assert cfg.rollout.local_process and cfg.rollout.async_steps == 1 and cfg.algo.old_logprobs == "rollout"
         # the recipe itself is unchanged: TRL's mapping still holds for it
         assert bench.trl_config_kwargs(cfg, 4, str(tmp_path / "trl"))["steps_per_generation"] == 4
+
+
+def test_tree_memory_counts_shared_pages_once_in_pss(bench):
+    import psutil
+
+    me = psutil.Process()
+    rss, _ = bench.tree_usage(me)
+    pss = bench.tree_pss(me)
+    assert 0 < pss <= rss  # shared library pages are split among the processes that map them
