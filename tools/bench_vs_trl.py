@@ -49,7 +49,7 @@ Plus report_to "none", save_strategy "no", shuffle_dataset False, the same torch
 default the cores; on a shared 2-core box use --threads 1: two intra-op threads on busy cores make single ops
 wait for a descheduled peer, and either side's run can slow down 10x or more).
 
-`--ours fast` runs our side as we recommend for a small CPU box instead (FAST_OVERRIDES): the local engine in a
+`--ours fast` runs our side as we recommend for a small CPU box instead (fast_overrides): the local engine in a
 child process of its own generating the next step while this one trains (rollout.local_process,
 rollout.async_steps=1: one-step off-policy, where TRL stays on-policy), pi_old taken from the rollout engine
 (algo.old_logprobs=rollout: no pi_old pass), and the trainer and the child splitting --threads (at least one
@@ -166,6 +166,11 @@ def fast_overrides(threads: int) -> list[str]:
     """`--ours fast`: async generation in a child process, pi_old from the rollout, threads split with the child."""
     return [f"parallel.cpu_threads={max(1, threads // 2)}", "rollout.local_process=true", "rollout.async_steps=1",
             "algo.old_logprobs=rollout"]  # fmt: skip
+
+
+def our_extra_overrides(args: argparse.Namespace, threads: int) -> list[str]:
+    """Our side's overrides beyond the recipe: the --ours preset's, then every --our-override."""
+    return (fast_overrides(threads) if args.ours == "fast" else []) + list(args.our_override)
 
 
 def our_overrides(steps: int, run_dir: str, dp: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
@@ -383,7 +388,7 @@ def main_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"exporting the initial weights failed; see {os.path.join(work, 'export.log')}")
 
     our_metrics = os.path.join(spec["our_dir"], "metrics.jsonl")
-    extra = (fast_overrides(spec["threads"]) if args.ours == "fast" else []) + args.our_override
+    extra = our_extra_overrides(args, spec["threads"])
     commands = {
         "megatron_sapo": ([sys.executable, "-m", "megatron_sapo.cli", "train", CONFIG, *our_overrides(args.steps,
                           spec["our_dir"], args.our_dp, tuple(extra))], our_metrics),
@@ -437,7 +442,7 @@ def report(args, spec: dict, runs: dict, load_before: float) -> None:
     if args.our_dp > 1:
         threads = max(1, spec["threads"] // args.our_dp)
         print(f"megatron_sapo: parallel.dp={args.our_dp} ({args.our_dp} processes x {threads} threads); TRL: 1 process")
-    extra = (fast_overrides(spec["threads"]) if args.ours == "fast" else []) + args.our_override
+    extra = our_extra_overrides(args, spec["threads"])
     if extra:
         print(f"megatron_sapo overrides: {' '.join(extra)} (TRL: the mapping above, unchanged)")
     print(f"load average (1 min) before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (shared machines: noisy)")
