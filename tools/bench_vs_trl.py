@@ -255,16 +255,22 @@ def worker_trl(spec: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # the driver
 # ------------------------------------------------------------------------------------------------------------
+def tree_processes(proc) -> list:
+    """A process and its live descendants ([] once it is gone)."""
+    import psutil
+
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def tree_usage(proc) -> tuple[int, float]:
     """(RSS bytes, user + system CPU seconds) summed over a process and its live descendants."""
     import psutil
 
     rss, cpu = 0, 0.0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0, 0.0
-    for p in procs:
+    for p in tree_processes(proc):
         with contextlib.suppress(psutil.Error):
             rss += p.memory_info().rss
             times = p.cpu_times()
@@ -278,10 +284,9 @@ def tree_pss(proc) -> int:
     import psutil
 
     total = 0
-    with contextlib.suppress(psutil.Error):
-        for p in [proc, *proc.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_full_info().pss
+    for p in tree_processes(proc):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_full_info().pss
     return total
 
 

@@ -19,21 +19,13 @@ EXIT_BOUND_S = 120  # from the signal to the exit: the rest of one step plus one
 
 
 def _cmd(run_dir, *overrides):
+    # one thread everywhere: rollout.local_process would otherwise halve the trainer's threads, and another
+    # reduction order changes the float rounding of the compared metrics
     return [
-        sys.executable,
-        "-m",
-        "megatron_sapo.cli",
-        "train",
-        os.path.join(ROOT, "examples", "tiny_moe_cpu.yaml"),
-        f"train.steps={STEPS}",
-        "checkpoint.every=0",
-        "rollout.max_new_tokens=6",
-        f"run.dir={run_dir}",
-        "logging.plots=false",
-        "parallel.cpu_threads=1",
-        *overrides,
-    ]  # fmt: skip  (one thread everywhere: rollout.local_process would otherwise halve the trainer's threads,
-    #                 and another reduction order changes the float rounding of the compared metrics)
+        sys.executable, "-m", "megatron_sapo.cli", "train", os.path.join(ROOT, "examples", "tiny_moe_cpu.yaml"),
+        f"train.steps={STEPS}", "checkpoint.every=0", "rollout.max_new_tokens=6", f"run.dir={run_dir}",
+        "logging.plots=false", "parallel.cpu_threads=1", *overrides,
+    ]  # fmt: skip
 
 
 def _steps_written(run_dir) -> int:

@@ -15,11 +15,6 @@ from megatron_sapo.rollout.local_process import LocalProcessEngine
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 4, 4]]
 
 
-def _weights(engine: LocalEngine, scale: float) -> dict:
-    """A full HF state dict: copies of the engine's own random weights, scaled."""
-    return {name: value * scale for name, value in engine.model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def engines():
     cfg = load_config(None, ["model.vocab_size=64"])
@@ -34,7 +29,7 @@ def engines():
 def test_the_child_generates_what_the_local_engine_does_and_follows_every_sync(engines):
     local, child = engines
     params = SamplingParams(n=4, max_new_tokens=6, temperature=1.0, seed=3)
-    weights = _weights(local, 1.0)
+    weights = {name: value.clone() for name, value in local.model.state_dict().items()}  # a full HF state dict
     seen = []
     for version, scale in ((1, 1.0), (2, 1.7)):  # the second sync must reach the child's model too
         update = {name: value * scale for name, value in weights.items()}
